@@ -1,0 +1,55 @@
+"""Readers for datasets stored as plain files: MNIST idx.gz, class-folder images, .npz arrays.
+
+Each reader returns (images_NxHxWxC uint8, labels_N int32). The pipeline in `data.py` builds on them.
+"""
+import gzip
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def read_idx(path) -> np.ndarray:
+  """Reads one idx(.gz) file (the MNIST format) into a numpy array."""
+  path = pathlib.Path(path)
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+    raise ValueError(f"{path}: not an unsigned-byte idx file (header {data[:4].hex()})")
+  ndim = data[3]
+  dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
+  payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+  if payload.size != int(np.prod(dims)):
+    raise ValueError(f"{path}: payload has {payload.size} bytes, header says {tuple(dims)}")
+  return payload.reshape(dims)
+
+
+def read_mnist(directory, split: str = "t10k"):
+  """MNIST from its idx.gz files: images (N, 28, 28, 1) uint8, labels (N,) int32."""
+  directory = pathlib.Path(directory)
+  images = read_idx(directory / f"{split}-images-idx3-ubyte.gz")
+  labels = read_idx(directory / f"{split}-labels-idx1-ubyte.gz").astype(np.int32)
+  return images[..., None], labels
+
+
+def read_image_folder(directory, channels: int = 3):
+  """Images in `directory/<class>/*`, classes in sorted order; all images must share one size."""
+  directory = pathlib.Path(directory)
+  classes = sorted(p.name for p in directory.iterdir() if p.is_dir())
+  if not classes:
+    raise ValueError(f"{directory}: expected one sub-folder per class, found none")
+  mode = {1: "L", 3: "RGB"}[channels]
+  images, labels = [], []
+  for label, name in enumerate(classes):
+    for f in sorted((directory / name).iterdir()):
+      if f.suffix.lower() in IMAGE_SUFFIXES:
+        with Image.open(f) as im:
+          images.append(np.asarray(im.convert(mode)))
+        labels.append(label)
+  images = np.stack(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  return images, np.asarray(labels, np.int32)
