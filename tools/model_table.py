@@ -1,0 +1,52 @@
+"""Params and forward Gflops (paper convention and XLA's count) for DiT variants.
+
+  python tools/model_table.py --json                 # the 12 models of the paper's Table 4
+  python tools/model_table.py --markdown --models DiT-Mi/2,DiT-Nano/4 --input-size 16 --channels 1
+"""
+import argparse
+import json
+import sys
+
+import jax
+
+from dit_jax import dit, flops
+
+
+def row(name: str, input_size: int, channels: int, num_classes: int, conditioning: str) -> dict:
+  """One table row; params counted from the (abstract) params pytree."""
+  model = dit.create(name, input_size=input_size, in_channels=channels, num_classes=num_classes,
+                     conditioning=conditioning)
+  params = jax.eval_shape(lambda: dit.init_params(model, jax.random.key(0)))
+  return {"model": name, "params": flops.count_params(params), "gflops": flops.gflops(model),
+          "xla_gflops": flops.xla_gflops(model, flops.dit_inputs(model))}
+
+
+def markdown(rows) -> str:
+  lines = ["| model | params (M) | Gflops | XLA Gflops |", "|---|---:|---:|---:|"]
+  lines += [f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['gflops']:.3f} | {r['xla_gflops']:.3f} |"
+            for r in rows]
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--models", default=",".join(dit.PAPER_MODELS),
+                  help="comma-separated names like DiT-XL/2 (sizes: %s)" % ", ".join(dit.SIZES))
+  ap.add_argument("--input-size", type=int, default=32, help="latent/image side (32 = 256px latents)")
+  ap.add_argument("--channels", type=int, default=4)
+  ap.add_argument("--num-classes", type=int, default=1000)
+  ap.add_argument("--conditioning", default="adaln_zero", choices=dit.CONDITIONINGS)
+  fmt = ap.add_mutually_exclusive_group()
+  fmt.add_argument("--json", action="store_true", help="a JSON list, one object per model")
+  fmt.add_argument("--markdown", action="store_true", help="a markdown table (the default)")
+  args = ap.parse_args(argv)
+  try:
+    rows = [row(n, args.input_size, args.channels, args.num_classes, args.conditioning)
+            for n in args.models.split(",")]
+  except ValueError as e:
+    sys.exit(f"model_table: {e}")
+  print(json.dumps(rows, indent=1) if args.json else markdown(rows))
+
+
+if __name__ == "__main__":
+  main()
