@@ -1,7 +1,7 @@
-"""Gaussian diffusion (DDPM): noise schedules, respacing, q(x_t | x_0), posteriors, losses and the VLB.
+"""Gaussian diffusion (DDPM): schedules, respacing, q(x_t | x_0), posteriors, losses and the VLB.
 
-Numbers follow openai/guided-diffusion (ADM) and facebookresearch/DiT `diffusion/`: schedules and all
-derived coefficients are computed in float64 numpy once, and cast to float32 when indexed.
+Numbers follow openai/guided-diffusion (ADM) and facebookresearch/DiT `diffusion/`: schedules and
+all derived coefficients are computed in float64 numpy once, and cast to float32 when indexed.
 
 Timestep convention: every method takes `t` as an index into THIS process (0 .. num_timesteps - 1).
 For a respaced process that index differs from the timestep the network was trained on; the model is
@@ -25,13 +25,13 @@ _SCHEDULE_ALIASES = {"squaredcos_cap_v2": "cosine"}
 
 
 def linear_betas(timesteps: int) -> np.ndarray:
-  """Ho et al. linear betas 1e-4 -> 0.02, scaled by 1000 / T so other T keep the same total noise."""
+  """Ho et al. linear betas 1e-4 -> 0.02, times 1000 / T (ADM) so any T keeps the total noise."""
   scale = 1000.0 / timesteps
   return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
 
 
 def cosine_betas(timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-  """Nichol & Dhariwal cosine schedule: betas from alpha_bar(s) = cos^2((s + 0.008) / 1.008 * pi / 2)."""
+  """Nichol & Dhariwal cosine betas from alpha_bar(s) = cos^2((s + 0.008) / 1.008 * pi / 2)."""
   def alpha_bar(s):
     return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
   return np.array([min(1.0 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), max_beta)
@@ -68,7 +68,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     try:
       section_counts = [int(s) for s in section_counts.split(",")]
     except ValueError:
-      raise ValueError(f"respacing {section_counts!r}: expected '', 'N', 'a,b,c' or 'ddimN'") from None
+      raise ValueError(f"respacing {section_counts!r}: expected '', 'N', 'a,b,c' or 'ddimN'"
+                       ) from None
   n_sections = len(section_counts)
   base, extra = divmod(num_timesteps, n_sections)
   kept, start = set(), 0
@@ -110,7 +111,8 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
   The outermost bins extend to -inf / +inf, so the 256 bin probabilities sum to one.
   """
   if not x.shape == means.shape == log_scales.shape:
-    raise ValueError(f"shapes differ: x {x.shape}, means {means.shape}, log_scales {log_scales.shape}")
+    raise ValueError(f"shapes differ: x {x.shape}, means {means.shape}, "
+                     f"log_scales {log_scales.shape}")
   centered = x - means
   inv_std = jnp.exp(-log_scales)
   cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
@@ -228,7 +230,8 @@ class Diffusion:
     want = 2 * c if self.learn_sigma else c
     if model_out.shape[:-1] != x_t.shape[:-1] or model_out.shape[-1] != want:
       raise ValueError(f"model output {model_out.shape} does not fit x_t {x_t.shape}: expected "
-                       f"{want} channels (learn_sigma={self.learn_sigma}, so {'2C' if self.learn_sigma else 'C'})")
+                       f"{want} channels (learn_sigma={self.learn_sigma}: "
+                       f"{'2C, prediction then variance' if self.learn_sigma else 'C'})")
     if self.learn_sigma:
       return model_out[..., :c], model_out[..., c:]
     return model_out, None
@@ -274,7 +277,8 @@ class Diffusion:
     the decoder NLL -log p(x_0 | x_1) with ADM's discretised Gaussian."""
     true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, x_t, t_B)
     out = self.p_mean_variance(model_out, x_t, t_B, clip_denoised=False)
-    kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+    kl = normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])
+    kl = mean_flat(kl) / math.log(2.0)
     decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
         x0, means=out["mean"], log_scales=0.5 * out["log_variance"])) / math.log(2.0)
     return jnp.where(t_B == 0, decoder_nll, kl)
@@ -305,8 +309,9 @@ class Diffusion:
     return dict(loss=mse + vb, mse=mse, vb=vb)
 
 
-def create(schedule: str = "linear", timesteps: int = 1000, respacing: str | int | Sequence[int] = "",
-           learn_sigma: bool = True, prediction: str = "eps", sigma_small: bool = False) -> Diffusion:
+def create(schedule: str = "linear", timesteps: int = 1000,
+           respacing: str | int | Sequence[int] = "", learn_sigma: bool = True,
+           prediction: str = "eps", sigma_small: bool = False) -> Diffusion:
   """Builds a Diffusion; DiT's defaults: linear T=1000, learned Sigma, eps-prediction.
 
   respacing: "" (all T steps), "250", "10,15,20" or "ddim50" (see `space_timesteps`). Respaced betas
@@ -343,7 +348,8 @@ def create(schedule: str = "linear", timesteps: int = 1000, respacing: str | int
       sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
       posterior_variance=posterior_variance,
       # The posterior variance is 0 at t = 0; its log is clipped to the t = 1 value, as ADM.
-      posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+      posterior_log_variance_clipped=np.log(
+          np.append(posterior_variance[1], posterior_variance[1:])),
       posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
       posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
       # Fixed-large is beta_t, but at t = 0 the posterior variance of t = 1 (ADM: a better decoder

@@ -25,7 +25,8 @@ def test_schedule_tables_match_diffusers(schedule, diffusers_name):
   np.testing.assert_allclose(diff.alphas_cumprod, ref.alphas_cumprod.numpy(), atol=1e-6, rtol=0)
   # diffusers' fixed_small variance (its posterior variance), for every t > 0. Its float32
   # 1 - abar_t / abar_{t-1} cancels (4e-4 relative at t = 1), hence an absolute tolerance.
-  ref_post = np.array([ref._get_variance(t, variance_type="fixed_small").item() for t in range(1, T)])
+  ref_post = np.array([ref._get_variance(t, variance_type="fixed_small").item()
+                       for t in range(1, T)])
   np.testing.assert_allclose(diff.posterior_variance[1:], ref_post, atol=1e-6, rtol=0)
 
 
@@ -132,11 +133,12 @@ def test_parameterisation_round_trips():
   x_t = diff.q_sample(x0, t, noise)
   np.testing.assert_allclose(diff.predict_x0_from_eps(x_t, t, noise), x0, atol=2e-4)
   np.testing.assert_allclose(diff.predict_eps_from_x0(x_t, t, x0), noise, atol=2e-4)
-  np.testing.assert_allclose(diff.predict_x0_from_v(x_t, t, diff.get_v(x0, noise, t)), x0, atol=1e-5)
+  v = diff.get_v(x0, noise, t)
+  np.testing.assert_allclose(diff.predict_x0_from_v(x_t, t, v), x0, atol=1e-5)
 
 
 def test_q_posterior_is_gaussian_conditioning():
-  """q(x_{t-1} | x_t, x_0) against the joint Gaussian of (x_{t-1}, x_t) given x_0, by conditioning."""
+  """q(x_{t-1} | x_t, x_0) against conditioning the joint Gaussian of (x_{t-1}, x_t) given x_0."""
   diff = dd.create(respacing="50")
   x0 = np.array([0.3], np.float32).reshape(1, 1, 1, 1)
   x_t = np.array([-0.7], np.float32).reshape(1, 1, 1, 1)
@@ -331,7 +333,8 @@ def test_vlb_of_exact_model_equals_discretised_nll():
     x_t = learned.q_sample(x0, t, noise)
     a = abar[t][:, None, None, None]
     eps = gaussian_eps(x_t, a)
-    out = jnp.concatenate([eps, jnp.broadcast_to(var_values[t][:, None, None, None], eps.shape)], -1)
+    var_out = jnp.broadcast_to(var_values[t][:, None, None, None], eps.shape)
+    out = jnp.concatenate([eps, var_out], -1)
     return (learned.vb_terms_bpd(out, x0, x_t, t), fixed.vb_terms_bpd(eps, x0, x_t, t),
             learned.prior_bpd(x0))
 

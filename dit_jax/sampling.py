@@ -1,0 +1,135 @@
+"""Samplers for a `Diffusion`: DDPM ancestral and DDIM loops (lax.scan), classifier-free guidance.
+
+`model_fn(x_BxHxWxC, t_B) -> out_BxHxWx(C or 2C)` is a closure over params and any conditioning
+(class labels, text context); it always receives ORIGINAL timesteps. Wrap a sampler in `jax.jit`
+with the params as an argument (not closed over) so new params do not recompile:
+
+  @jax.jit
+  def sample(params, y_B, rng):
+    model_fn = lambda x, t: model.apply({"params": params}, x, t, y_B)
+    return sampling.ddpm_sample(model_fn, diffusion, (B, 32, 32, 4), rng)
+
+Noise is drawn per example: example i's noise depends only on (rng, i, step), so it differs between
+examples and between devices, and the result does not depend on how the batch is sharded.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dit_jax.diffusion import Diffusion, extract
+
+
+def per_example_normal(rng: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """Standard normal [B, ...]; row i comes from fold_in(rng, i), whatever B and the sharding."""
+  keys_B = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(shape[0]))
+  return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), dtype))(keys_B)
+
+
+def ddpm_step(diffusion: Diffusion, model_out, x_t, t_B, noise, clip_denoised: bool = False):
+  """One ancestral step x_t -> x_{t-1} (no noise at t = 0); returns (x_prev, pred_x0)."""
+  out = diffusion.p_mean_variance(model_out, x_t, t_B, clip_denoised=clip_denoised)
+  nonzero = (t_B != 0).astype(jnp.float32).reshape((-1,) + (1,) * (x_t.ndim - 1))
+  x_prev = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+  return x_prev, out["pred_x0"]
+
+
+def ddim_step(diffusion: Diffusion, model_out, x_t, t_B, noise, eta: float = 0.0,
+              clip_denoised: bool = False):
+  """One DDIM step (Song et al. eq. 12) with stochasticity eta; returns (x_prev, pred_x0)."""
+  out = diffusion.p_mean_variance(model_out, x_t, t_B, clip_denoised=clip_denoised)
+  # eps re-derived from the (possibly clipped) x0, so clipping and x0/v models stay consistent.
+  eps = out["eps"]
+  # sigma^2 = eta^2 (1 - abar_prev) / (1 - abar) (1 - abar / abar_prev), which is eta^2 times the
+  # posterior variance; tabulated in float64 to avoid float32 cancellation at small t.
+  var = eta ** 2 * extract(diffusion.posterior_variance, t_B, x_t.ndim)
+  direction = jnp.sqrt(jnp.maximum(
+      extract(diffusion.one_minus_alphas_cumprod_prev, t_B, x_t.ndim) - var, 0.0))
+  sqrt_abar_prev = extract(diffusion.sqrt_alphas_cumprod_prev, t_B, x_t.ndim)
+  mean = out["pred_x0"] * sqrt_abar_prev + direction * eps
+  sigma = jnp.sqrt(var)
+  nonzero = (t_B != 0).astype(jnp.float32).reshape((-1,) + (1,) * (x_t.ndim - 1))
+  return mean + nonzero * sigma * noise, out["pred_x0"]
+
+
+def _check_shape(shape, x_T):
+  shape = tuple(int(s) for s in shape)
+  if len(shape) < 2 or min(shape) < 1:
+    raise ValueError(f"shape must be (B, ..., C) with positive sizes, got {shape}")
+  if x_T is not None and tuple(x_T.shape) != shape:
+    raise ValueError(f"x_T shape {tuple(x_T.shape)} != requested shape {shape}")
+  return shape
+
+
+def _sample_loop(step_fn, model_fn, diffusion, shape, rng, x_T, sharding):
+  shape = _check_shape(shape, x_T)
+  rng_init, rng_steps = jax.random.split(rng)
+  constrain = ((lambda x: jax.lax.with_sharding_constraint(x, sharding)) if sharding is not None
+               else (lambda x: x))
+  x = per_example_normal(rng_init, shape) if x_T is None else x_T.astype(jnp.float32)
+  x = constrain(x)
+
+  def body(x, i):
+    t_B = jnp.full((shape[0],), i, jnp.int32)
+    model_out = model_fn(x, diffusion.model_timesteps(t_B))
+    noise = constrain(per_example_normal(jax.random.fold_in(rng_steps, i), shape))
+    x_prev, _ = step_fn(model_out, x, t_B, noise)
+    return constrain(x_prev), None
+
+  steps = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+  x, _ = jax.lax.scan(body, x, steps)
+  return x
+
+
+def ddpm_sample(model_fn: Callable, diffusion: Diffusion, shape, rng: jax.Array, *,
+                clip_denoised: bool = False, x_T=None, sharding=None) -> jax.Array:
+  """Ancestral DDPM sampling over all steps of `diffusion` (respace it for fewer); returns x_0.
+
+  x_T: optional starting noise (else drawn from rng). sharding: e.g. NamedSharding(mesh, P("data"))
+  to keep the batch sharded through the loop.
+  """
+  def step(model_out, x, t_B, noise):
+    return ddpm_step(diffusion, model_out, x, t_B, noise, clip_denoised)
+  return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding)
+
+
+def ddim_sample(model_fn: Callable, diffusion: Diffusion, shape, rng: jax.Array, *,
+                eta: float = 0.0, clip_denoised: bool = False, x_T=None, sharding=None
+                ) -> jax.Array:
+  """DDIM sampling over all steps of `diffusion` (e.g. respacing "ddim50" or "50"); returns x_0."""
+  def step(model_out, x, t_B, noise):
+    return ddim_step(diffusion, model_out, x, t_B, noise, eta, clip_denoised)
+  return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding)
+
+
+def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: int | None = None
+                 ) -> Callable:
+  """Classifier-free guidance as a `model_fn(x, t)`: uncond + scale * (cond - uncond).
+
+  One batched call on [x; x] with [y; null]. `y` is any per-example conditioning [B, ...] (labels,
+  text context) and `null_label` its unconditional value (DiT: num_classes), broadcast to y.
+  guide_channels=None guides all C channels of the prediction (the standard rule); the remaining
+  channels (the learned variance) come from the conditional half. guide_channels=3 reproduces the
+  official DiT sampler, which guides only channels 0-2 of the 4 latent channels (DiT#41): channel 3
+  is then the unguided conditional prediction.
+  """
+  y = jnp.asarray(y)
+
+  def guided(x, t_B):
+    b, c = x.shape[0], x.shape[-1]
+    if y.shape[0] != b:
+      raise ValueError(f"conditioning has batch {y.shape[0]} but x has batch {b}")
+    n = c if guide_channels is None else int(guide_channels)
+    null = jnp.broadcast_to(jnp.asarray(null_label, y.dtype), y.shape)
+    out = model_fn_xty(jnp.concatenate([x, x]), jnp.concatenate([t_B, t_B]),
+                       jnp.concatenate([y, null]))
+    if not 1 <= n <= out.shape[-1]:
+      raise ValueError(f"guide_channels={guide_channels} outside [1, {out.shape[-1]}] "
+                       "(the model's output channels)")
+    cond, uncond = out[:b], out[b:]
+    mixed = uncond[..., :n] + scale * (cond[..., :n] - uncond[..., :n])
+    return jnp.concatenate([mixed.astype(cond.dtype), cond[..., n:]], axis=-1)
+
+  return guided
