@@ -1,4 +1,5 @@
-"""Readers for datasets stored as plain files: MNIST idx.gz, class-folder images, .npz arrays.
+"""Readers for datasets stored as plain files: MNIST idx.gz, class-folder images, .npz arrays,
+and scikit-learn's bundled 8x8 digits.
 
 Each reader returns (images_NxHxWxC uint8, labels_N int32). The pipeline in `data.py` builds on them.
 """
@@ -53,3 +54,49 @@ def read_image_folder(directory, channels: int = 3):
   if images.ndim == 3:
     images = images[..., None]
   return images, np.asarray(labels, np.int32)
+
+
+def list_image_folder(directory):
+  """Files of `directory/<class>/*` in read_image_folder's order: (paths, labels int32, class names)."""
+  directory = pathlib.Path(directory)
+  classes = sorted(p.name for p in directory.iterdir() if p.is_dir())
+  if not classes:
+    raise ValueError(f"{directory}: expected one sub-folder per class, found none")
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    for f in sorted((directory / name).iterdir()):
+      if f.suffix.lower() in IMAGE_SUFFIXES:
+        paths.append(f)
+        labels.append(label)
+  if not paths:
+    raise ValueError(f"{directory}: no images with suffix in {IMAGE_SUFFIXES} under its class folders")
+  return paths, np.asarray(labels, np.int32), tuple(classes)
+
+
+def read_npz(path):
+  """An .npz with `images` (N,H,W[,C]) uint8 and optional `labels` (N,) ints (default all 0)."""
+  with np.load(path, allow_pickle=False) as f:
+    if "images" not in f:
+      raise ValueError(f"{path}: expected an array named 'images' (N,H,W[,C] uint8), found {list(f)}")
+    images = f["images"]
+    labels = f["labels"].astype(np.int32) if "labels" in f else np.zeros(len(images), np.int32)
+  if images.dtype != np.uint8:
+    raise ValueError(f"{path}: 'images' must be uint8 in 0..255, got {images.dtype}")
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or labels.shape != (len(images),):
+    raise ValueError(f"{path}: images {images.shape} / labels {labels.shape} are not (N,H,W[,C]) / (N,)")
+  return images, labels
+
+
+def write_npz(path, images, labels) -> None:
+  """Writes the format `read_npz` reads."""
+  np.savez(path, images=np.asarray(images, np.uint8), labels=np.asarray(labels, np.int32))
+
+
+def read_digits():
+  """scikit-learn's bundled 8x8 handwritten digits (1797 images, 0..16 ink) as (N, 8, 8, 1) uint8."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  return images[..., None], digits.target.astype(np.int32)

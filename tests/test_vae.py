@@ -1,15 +1,17 @@
 """The Flax SD VAE against diffusers' AutoencoderKL (torch, float32), weights via save_pretrained."""
 import json
 
+import pytest
+
+# Imported at collection, before any test imports TensorFlow: TF then libtriton segfaults.
+diffusers = pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from dit_jax import vae
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 SMALL = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
              up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8)
