@@ -174,7 +174,7 @@ class Diffusion:
     """Mean, variance and log-variance of q(x_t | x_0)."""
     return (extract(self.sqrt_alphas_cumprod, t_B, x0.ndim) * x0,
             extract(self.one_minus_alphas_cumprod, t_B, x0.ndim),
-            extract(np.log(self.one_minus_alphas_cumprod), t_B, x0.ndim))
+            jnp.log(extract(self.one_minus_alphas_cumprod, t_B, x0.ndim)))
 
   def q_sample(self, x0, t_B, noise):
     """Draws x_t ~ q(x_t | x_0) given the standard-normal noise."""
