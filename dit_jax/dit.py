@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from dit_jax import embeddings, patchify as patchify_lib
+from dit_jax.text import check_context
 
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
 
@@ -75,7 +76,7 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, context_BxSxD=None):
+  def __call__(self, x_BxTxD, context_BxSxD=None, mask_BxS=None):
     d = x_BxTxD.shape[-1]
     h, hd = self.num_heads, d // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -89,7 +90,8 @@ class Attention(nn.Module):
                                              kernel_init=xavier(("embed", "heads", "kv")),
                                              bias_init=bias(("heads", "kv")))(y)
       q, k, v = proj("q", x_BxTxD), proj("k", context_BxSxD), proj("v", context_BxSxD)
-    o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    mask = None if mask_BxS is None else mask_BxS[:, None, None, :]
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
     return nn.DenseGeneral(d, axis=(-2, -1), name="proj", **kw,
                            kernel_init=xavier(("heads", "kv", "embed")),
                            bias_init=bias(("embed",)))(o)
@@ -123,7 +125,7 @@ class DiTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, cond):
-    c_BxD, cond_BxSxD = cond
+    c_BxD, cond_BxSxD, mask_BxS = cond
     d = x_BxTxD.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = Attention(self.num_heads, self.attention_impl, name="attn", **kw)
@@ -146,7 +148,7 @@ class DiTBlock(nn.Module):
       x_BxTxD = x_BxTxD + attn(norm(x_BxTxD))
       if self.conditioning == "cross_attn":
         cross = Attention(self.num_heads, self.attention_impl, name="cross_attn", **kw)
-        x_BxTxD = x_BxTxD + cross(norm(x_BxTxD), cond_BxSxD)
+        x_BxTxD = x_BxTxD + cross(norm(x_BxTxD), cond_BxSxD, mask_BxS)
       x_BxTxD = x_BxTxD + mlp(norm(x_BxTxD))
     return x_BxTxD, None
 
@@ -187,6 +189,9 @@ class DiT(nn.Module):
   class_dropout_prob: float = 0.1
   learn_sigma: bool = True
   conditioning: str = "adaln_zero"
+  # cross_attn only: > 0 appends a context sequence (B, L, context_dim), e.g. a caption encoding,
+  # projected to hidden_size, to the (t, y) tokens the blocks cross-attend to.
+  context_dim: int = 0
   attention_impl: Optional[str] = None  # jax.nn.dot_product_attention: None, "xla" or "cudnn"
   scan_layers: bool = False
   remat: bool = False
@@ -204,9 +209,15 @@ class DiT(nn.Module):
     patchify_lib.check_patch(self.input_size, self.patch_size)
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden size {self.hidden_size} not divisible by {self.num_heads} heads")
+    if self.context_dim and self.conditioning != "cross_attn":
+      raise ValueError(f"context_dim={self.context_dim} needs conditioning='cross_attn' (got "
+                       f"{self.conditioning!r}): only cross-attention reads a context sequence")
 
   @nn.compact
-  def __call__(self, x_BxHxWxC, t_B, y_B=None, *, train: bool = False, force_drop_ids=None):
+  def __call__(self, x_BxHxWxC, t_B, y_B=None, *, train: bool = False, force_drop_ids=None,
+               context=None, context_mask=None):
+    """context (B, L, context_dim) and context_mask (B, L) bool (True = a real token) are used by
+    cross_attn models built with context_dim > 0; the mask defaults to all True."""
     self.validate()
     want = (self.input_size, self.input_size, self.in_channels)
     if tuple(x_BxHxWxC.shape[1:]) != want:
@@ -231,6 +242,17 @@ class DiT(nn.Module):
       cond_tokens.append(y_BxD)
     c_BxD = sum(cond_tokens)
     cond_BxSxD = jnp.stack(cond_tokens, axis=1)
+    mask_BxS = None
+    if self.context_dim:
+      context, context_mask = check_context(self.context_dim, context, context_mask,
+                                            x_BxHxWxC.shape[0])
+      ctx_BxLxD = nn.Dense(d, name="context_proj", kernel_init=xavier((None, "embed")),
+                           bias_init=bias(("embed",)), **kw)(context.astype(self.dtype))
+      mask_BxS = jnp.concatenate([jnp.ones(cond_BxSxD.shape[:2], bool), context_mask], axis=1)
+      cond_BxSxD = jnp.concatenate([cond_BxSxD, ctx_BxLxD], axis=1)
+    elif context is not None:
+      raise ValueError("this DiT has context_dim=0; build it with conditioning='cross_attn' and "
+                       "context_dim=<encoder width> to condition on a context sequence")
 
     n_extra = 0
     if self.conditioning == "in_context":  # (t, c) as extra tokens, dropped before the final layer
@@ -247,10 +269,11 @@ class DiT(nn.Module):
       blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=nn.broadcast, length=self.depth,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxD, _ = blocks(name="blocks", **block_kw)(x_BxTxD, (c_BxD, cond_BxSxD))
+      x_BxTxD, _ = blocks(name="blocks", **block_kw)(x_BxTxD, (c_BxD, cond_BxSxD, mask_BxS))
     else:
       for i in range(self.depth):
-        x_BxTxD, _ = block_cls(name=f"blocks_{i}", **block_kw)(x_BxTxD, (c_BxD, cond_BxSxD))
+        x_BxTxD, _ = block_cls(name=f"blocks_{i}", **block_kw)(x_BxTxD,
+                                                               (c_BxD, cond_BxSxD, mask_BxS))
 
     x_BxTxD = x_BxTxD[:, n_extra:]
     out = FinalLayer(p, self.out_channels, self.conditioning, name="final_layer", **kw)(
@@ -275,4 +298,7 @@ def init_params(model: DiT, rng, batch: int = 1):
   x = jnp.zeros((batch, model.input_size, model.input_size, model.in_channels), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
   y = jnp.zeros((batch,), jnp.int32) if model.num_classes else None
-  return model.init({"params": rng}, x, t, y)["params"]
+  kwargs = {}
+  if model.context_dim:  # the params do not depend on the context length
+    kwargs = dict(context=jnp.zeros((batch, 1, model.context_dim), jnp.float32))
+  return model.init({"params": rng}, x, t, y, **kwargs)["params"]

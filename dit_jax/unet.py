@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dit_jax import embeddings
+from dit_jax.text import check_context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,26 +324,6 @@ class UNet(nn.Module):
     h = nn.silu(group_norm(self.num_groups, "out_norm", self.dtype)(h)).astype(self.dtype)
     out = conv(self.out_channels, 3, "out_conv", kw, zero=True)(h)
     return out.astype(jnp.float32)
-
-
-def check_context(context_dim: int, context, context_mask, batch: int):
-  """Validates (context, mask) against a model's context_dim; returns them with a default mask."""
-  if context_dim <= 0:
-    if context is not None:
-      raise ValueError("this model has context_dim=0; build it with context_dim=<encoder width> "
-                       "to condition on a context sequence")
-    return None, None
-  if context is None:
-    raise ValueError(f"this model cross-attends to a context (context_dim={context_dim}); pass "
-                     f"context=(B, L, {context_dim}) (e.g. from text.TextEncoder)")
-  if context.ndim != 3 or context.shape[0] != batch or context.shape[-1] != context_dim:
-    raise ValueError(f"context must be (B={batch}, L, {context_dim}), got {tuple(context.shape)}")
-  if context_mask is None:
-    context_mask = jnp.ones(context.shape[:2], bool)
-  if tuple(context_mask.shape) != tuple(context.shape[:2]):
-    raise ValueError(f"context_mask must be (B, L) = {tuple(context.shape[:2])}, "
-                     f"got {tuple(context_mask.shape)}")
-  return context, context_mask.astype(bool)
 
 
 def create(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
