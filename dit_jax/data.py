@@ -111,8 +111,8 @@ class ArraySource(Source):
   labels: np.ndarray = None
 
   def read(self, indices, flips):
-    x = self.images[indices]
-    x = np.where(flips[:, None, None, None], x[:, :, ::-1], x)
+    x = self.images[indices]  # fancy indexing copies, so flipping in place is safe
+    x[flips] = x[flips, :, ::-1]
     return x, self.labels[indices]
 
 
