@@ -70,12 +70,18 @@ def create_model(config: ml_collections.ConfigDict, image_shape, num_classes: in
   impl = config.attention_impl or None
   if impl not in (None, "xla", "cudnn"):
     raise ValueError(f"attention_impl {impl!r}: use '' (jax chooses), 'xla' or 'cudnn'")
-  return dit_lib.create(
-      config.model, input_size=h, in_channels=c,
+  size, patch = dit_lib.parse_name(config.model)
+  row = dit_lib.SIZES[size]
+  # Width/depth/heads overrides give the off-table shapes of scaling-law sweeps.
+  model = dit_lib.DiT(
+      input_size=h, in_channels=c, patch_size=patch, depth=config.depth or row.depth,
+      hidden_size=config.hidden_size or row.hidden_size, num_heads=config.num_heads or row.num_heads,
       num_classes=num_classes if config.class_conditional else 0,
       class_dropout_prob=config.class_dropout_prob, learn_sigma=config.learn_sigma,
       conditioning=config.conditioning, attention_impl=impl, scan_layers=config.scan_layers,
       remat=config.remat, dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype))
+  model.validate()
+  return model
 
 
 def create_diffusion(config: ml_collections.ConfigDict, respacing="") -> diffusion_lib.Diffusion:
@@ -373,6 +379,13 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _finite_mean(values) -> float:
+  """Mean over the finite values (skipped steps excluded); NaN if there are none."""
+  values = np.asarray(values, np.float64)
+  ok = np.isfinite(values)
+  return float(values[ok].mean()) if ok.any() else float("nan")
+
+
 def _batch_hash(batch) -> str:
   import hashlib  # pylint: disable=g-import-not-at-top
   h = hashlib.sha256()
@@ -462,32 +475,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if ckpt.save(step, state, dict(data_state, next_step=step), force=force):
       logging.info("checkpoint %d started", step)
 
-  pending, window_t0, window_start = [], time.perf_counter(), start
-  step = start
+  def check_streak(metrics, upto):
+    streak = int(jax.device_get(metrics["nonfinite_streak"]))
+    if streak >= config.max_nonfinite_streak:
+      ckpt.wait()
+      raise NonFiniteError(
+          f"{streak} consecutive steps (up to step {upto}) had a non-finite loss or gradient; "
+          f"their updates were skipped. The last checkpoint ({ckpt.latest_step()}) holds the last "
+          f"good state. Lower the learning rate, set optim.grad_clip, or compute in float32.")
+    return streak
+
+  pending, prev, window_t0, window_start = [], None, time.perf_counter(), start
   try:
     for step, batch in zip(range(start, config.num_train_steps), pipeline.iterate(start)):
       if hash_file is not None:
         hash_file.write(json.dumps({"step": step, "sha256": _batch_hash(batch)}) + "\n")
         hash_file.flush()
       state, metrics = compiled(state, batch)
+      if prev is not None:  # the previous step's streak, read while the device runs this one
+        check_streak(prev, step - 1)
+      prev = metrics
       pending.append(metrics)
-      # Check the previous step (the device is already busy with this one).
-      if len(pending) > 1:
-        streak = int(jax.device_get(pending[-2]["nonfinite_streak"]))
-        if streak >= config.max_nonfinite_streak:
-          ckpt.wait()
-          raise NonFiniteError(
-              f"{streak} consecutive steps (up to step {step - 1}) had a non-finite loss or "
-              f"gradient; their updates were skipped. The last checkpoint "
-              f"({ckpt.latest_step()}) holds the last good state. Lower the learning rate, enable "
-              f"optim.grad_clip, or use float32 compute.")
       done = step + 1
       for hook in hooks:
         hook(done)
       if done % config.log_every_steps == 0 or done == config.num_train_steps:
         host = jax.device_get(pending)
         dt = time.perf_counter() - window_t0
-        summary = {k: float(np.nanmean([m[k] for m in host])) for k in host[-1]
+        summary = {k: _finite_mean([m[k] for m in host]) for k in host[-1]
                    if k not in ("nonfinite_streak", "nonfinite_total", "skipped")}
         summary["skipped"] = float(sum(m["skipped"] for m in host))
         summary["nonfinite_total"] = float(host[-1]["nonfinite_total"])
@@ -498,28 +513,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           summary["mfu"] = 6.0 * gflops * 1e9 * config.batch_size * steps_per_s / peak
         writer.write_scalars(done, summary)
         pending, window_t0, window_start = [], time.perf_counter(), done
-      last_streak = int(jax.device_get(pending[-1]["nonfinite_streak"])) if pending else 0
-      if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0 \
-          and last_streak == 0:
+      # Never checkpoint while updates are being skipped: the last good checkpoint stays newest.
+      if (config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0
+          and int(jax.device_get(metrics["nonfinite_streak"])) == 0):
         save(done)
       if sample_fn is not None and (done % config.eval_every_steps == 0
                                     or done == config.num_train_steps):
         _evaluate(config, sample_fn, state, pipeline, source, model, done, workdir, writer)
       if preempt.reached(done):
         logging.warning("SIGTERM: saving step %d and exiting", done)
-        save(done, force=True)
+        if int(jax.device_get(metrics["nonfinite_streak"])) == 0:
+          save(done, force=True)
         break
-    else:
-      step = config.num_train_steps
-    if pending and int(jax.device_get(pending[-1]["nonfinite_streak"])) >= \
-        config.max_nonfinite_streak:
-      ckpt.wait()
-      raise NonFiniteError(f"the last {int(pending[-1]['nonfinite_streak'])} steps had a "
-                           f"non-finite loss or gradient; last good checkpoint "
-                           f"{ckpt.latest_step()}")
+    if prev is not None:
+      check_streak(prev, int(jax.device_get(state.step)) - 1)
     final = int(jax.device_get(state.step))
     if not preempt.requested and final == config.num_train_steps and config.checkpoint_every_steps:
-      save(final, force=True)
+      save(final, force=True)  # the end of training is always kept
   finally:
     ckpt.close()
     writer.flush()

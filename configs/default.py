@@ -1,0 +1,99 @@
+"""Training config. `--config=configs/default.py` is the paper's DiT-XL/2 ImageNet-256 recipe;
+`--config=configs/default.py:cpu` a DiT-S/8 on scikit-learn's digits that trains in about a minute
+on a laptop CPU. Any field can be overridden on the command line: `--config.batch_size=64`.
+"""
+import ml_collections
+
+from dit_jax import data
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """The config of preset `arg`: '' / 'paper' (DiT-XL/2 on latents) or 'cpu' (tiny, digits)."""
+  if arg not in ("", "paper", "cpu"):
+    raise ValueError(f"unknown preset {arg!r}; use 'paper' (default) or 'cpu'")
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds the parameters, the per-step noise/t/label-dropout keys and the data order.
+
+  # Model.
+  config.model = "DiT-XL/2"  # 'DiT-<S|B|L|XL|Ti|Mi|Nano>/<patch>' (dit.SIZES).
+  config.depth = 0  # Overrides the named size's depth (0 = the table's), for off-table sweeps.
+  config.hidden_size = 0  # Overrides the named size's width (0 = the table's).
+  config.num_heads = 0  # Overrides the named size's head count (0 = the table's).
+  config.conditioning = "adaln_zero"  # adaln_zero | adaln | cross_attn | in_context (paper Fig. 5).
+  config.class_conditional = True  # False trains an unconditional model (no label embedding).
+  config.class_dropout_prob = 0.1  # Label dropout to the null class, for classifier-free guidance.
+  config.learn_sigma = True  # Learned variance (LEARNED_RANGE) with the hybrid MSE + VLB loss.
+  config.dtype = "bfloat16"  # Compute dtype (activations, matmuls); params stay param_dtype.
+  config.param_dtype = "float32"  # Params and optimizer state (fp32 master weights).
+  config.attention_impl = ""  # jax.nn.dot_product_attention: '' (jax picks), 'xla' or 'cudnn'.
+  config.scan_layers = True  # nn.scan over blocks: one compiled block, much faster compiles.
+  config.remat = False  # Recompute block activations in the backward pass (saves memory).
+
+  # Diffusion.
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.schedule = "linear"  # Beta schedule: linear (1e-4 -> 0.02, DiT) or cosine.
+  config.diffusion.timesteps = 1000  # T of the training process.
+  config.diffusion.prediction = "eps"  # What the network predicts: eps | x0 | v.
+
+  # Data (see data.default_data_config for every field).
+  config.data = data.default_data_config()
+  config.data.name = "latents"  # ImageNet latents from tools/extract_latents.py.
+  config.data.path = ""  # The latents directory (required for the paper preset).
+  config.data.image_size = 0  # 0 = whatever the latents were extracted at (256 px -> 32x32x4).
+  config.data.flip = True  # Horizontal flips, the paper's only augmentation.
+
+  # Optimisation (paper: AdamW lr 1e-4 constant, no weight decay, no warm-up, batch 256).
+  config.batch_size = 256  # Global batch over all devices and processes.
+  config.num_train_steps = 400_000  # Paper's FID-50K comparisons are at 400K steps.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-4  # Peak (and constant) learning rate.
+  config.optim.weight_decay = 0.0  # Decoupled AdamW weight decay.
+  config.optim.b1 = 0.9  # Adam beta1 (torch default).
+  config.optim.b2 = 0.999  # Adam beta2 (torch default).
+  config.optim.eps = 1e-8  # Adam epsilon (torch default).
+  config.optim.warmup_steps = 0  # Linear warm-up from 0 over this many steps (0 = none).
+  config.optim.grad_clip = 0.0  # Clip gradients to this global norm (0 = off).
+  config.ema_decay = 0.9999  # EMA of the params; evaluation and sampling use the EMA.
+  config.max_nonfinite_streak = 10  # Stop after this many consecutive skipped (NaN/inf) updates.
+
+  # Parallelism.
+  config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor) sizes; one may be -1 (= the rest).
+  config.logical_axis_rules = ()  # ((logical, mesh axis or None), ...); () = sharding.DEFAULT_RULES.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.auto = True  # jax.distributed.initialize() when SLURM / a TPU pod is detected.
+  config.distributed.coordinator_address = ""  # 'host:port' to initialise explicitly instead.
+  config.distributed.num_processes = 1  # With coordinator_address: number of processes.
+  config.distributed.process_id = 0  # With coordinator_address: this process's index.
+
+  # Logging, checkpoints, evaluation.
+  config.log_every_steps = 100  # Metrics (loss, steps/s, images/s, MFU) to TensorBoard + jsonl.
+  config.peak_tflops_per_device = 0.0  # Peak TFLOP/s for MFU; 0 = look up by device kind.
+  config.checkpoint_every_steps = 10_000  # Save the whole train state + data position (0 = never).
+  config.keep_checkpoints = 3  # Keep the newest N checkpoints.
+  config.async_checkpoints = True  # Write checkpoints in the background.
+  config.record_batch_hashes = False  # Append each batch's sha256 to batch_hashes.<proc>.jsonl.
+  config.eval_every_steps = 50_000  # Sample a grid with the EMA params every N steps (0 = never).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_grid_samples = 16  # Images in the PNG grid (labels 0, 1, 2, ...).
+  config.eval.respacing = "250"  # Sampling steps of the grid's DDPM sampler (paper: 250).
+  config.eval.cfg_scale = 4.0  # Classifier-free guidance scale of the grid (1 = none).
+  config.eval.vae_path = ""  # diffusers SD-VAE folder to decode latent grids ('' = no grid).
+
+  if arg == "cpu":
+    config.model = "DiT-S/8"
+    config.dtype = "float32"
+    config.scan_layers = False
+    config.data.name = "digits"
+    config.data.image_size = 16
+    config.data.flip = False  # digits are not mirror-symmetric
+    config.batch_size = 64
+    config.num_train_steps = 300
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 20
+    config.ema_decay = 0.99
+    config.log_every_steps = 25
+    config.checkpoint_every_steps = 100
+    config.eval_every_steps = 300
+    config.eval.respacing = "50"
+    config.eval.cfg_scale = 2.0
+  return config

@@ -1,0 +1,71 @@
+"""Orbax checkpoints of the whole train state together with the data pipeline's position.
+
+A step is written into a temporary directory and renamed when complete (orbax's atomic finalize),
+so a save interrupted by a crash or SIGKILL leaves no step directory and is never restored; stale
+temporary directories are removed when the manager opens. Saves are asynchronous: the arrays are
+copied to host memory before `save` returns, the file writes continue in the background, so the
+next train step may donate the state's buffers.
+"""
+import pathlib
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Keep-N asynchronous checkpoints of {state, data} under `directory`."""
+
+  def __init__(self, directory, max_to_keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = pathlib.Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep if max_to_keep > 0 else None,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data"))
+
+  def latest_step(self) -> Optional[int]:
+    """The newest completely written step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
+    """Starts saving (async); `data_state` is JSON (e.g. the pipeline's next step and seed)."""
+    if step in self._manager.all_steps():
+      return False
+    return self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+
+  def restore(self, step: Optional[int], abstract_state: Any) -> tuple:
+    """(state, data_state) of `step` (default latest), laid out as `abstract_state` says.
+
+    abstract_state: a tree of jax.ShapeDtypeStruct with shardings; they may describe a different
+    mesh than the one that saved, orbax reshards on load.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+  def wait(self) -> None:
+    """Blocks until the background writes are finished."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(tree, shardings):
+  """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (a restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
