@@ -8,6 +8,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
 
+# Importing triton (pulled in by torch/diffusers) after TensorFlow segfaults the process, and the
+# tests use both (TF via tfds and clu, torch as the numerical reference): load torch's side first.
+try:
+  import torch  # noqa: F401,E402
+  import triton  # noqa: F401,E402
+except ImportError:
+  pass
+
 import pytest  # noqa: E402
 
 SHARED_DATA_ENV = "DIT_JAX_SHARED_DATA"
