@@ -18,7 +18,7 @@ def _correlated(rng, n, d, shift=0.0):
   return rng.normal(size=(n, d)) @ mix + shift
 
 
-@pytest.mark.parametrize("n,d", [(3000, 256), (40, 64)])  # full-rank, and singular (n < d)
+@pytest.mark.parametrize("n,d", [(2000, 128), (40, 64)])  # full-rank, and singular (n < d)
 def test_frechet_distance_matches_pytorch_fid(n, d):
   rng = np.random.default_rng(0)
   a = _correlated(rng, n, d)
@@ -215,3 +215,24 @@ def test_evaluator_with_real_images_as_samples(mnist_net):
     evaluator.Evaluator(name, feature_fn, reference, 100, 100, mesh=mesh)
   with pytest.raises(ValueError, match="reference statistics were made with"):
     evaluator.Evaluator("digits_cnn", feature_fn, reference, 100, 80, mesh=mesh)
+
+
+@pytest.mark.slow
+def test_train_feature_net_tool_on_digits(tmp_path, capsys):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "train_feature_net", pathlib.Path(__file__).parents[1] / "tools" / "train_feature_net.py")
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  meta = tool.main(["--dataset", "digits", "--image_size", "16", "--steps", "100",
+                    "--cache_dir", str(tmp_path)])
+  assert "digits_cnn: test accuracy" in capsys.readouterr().out
+  assert meta["test_accuracy"] > 0.8 and meta["image_shape"] == [16, 16, 1]
+  name, feature_fn = fid.feature_network({"name": "digits", "image_size": 16}, "auto",
+                                         cache_dir=tmp_path, log=None)  # loads, no retraining
+  assert name == "digits_cnn"
+  out = feature_fn(np.zeros((8, 16, 16, 1), np.uint8))
+  assert out["pool"].shape == (8, 128) and out["logits"].shape == (8, 10)
+  with pytest.raises(ValueError, match="trained on images of shape"):
+    feature_fn(np.zeros((8, 32, 32, 1), np.uint8))
