@@ -7,6 +7,7 @@ copied to host memory before `save` returns, the file writes continue in the bac
 next train step may donate the state's buffers.
 """
 import pathlib
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -19,6 +20,8 @@ class Checkpointer:
   def __init__(self, directory, max_to_keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
+    if not read_only:
+      remove_partial_saves(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep if max_to_keep > 0 else None,
         enable_async_checkpointing=async_save,
@@ -63,6 +66,24 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def remove_partial_saves(directory) -> list:
+  """Deletes step directories an interrupted save left behind (process 0; others wait)."""
+  directory = pathlib.Path(directory)
+  removed = []
+  if jax.process_index() == 0 and directory.is_dir():
+    for p in directory.iterdir():
+      if TMP_MARKER in p.name:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("dit_jax.checkpoint.remove_partial_saves")
+  return removed
 
 
 def abstract_with_shardings(tree, shardings):
