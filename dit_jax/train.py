@@ -387,10 +387,12 @@ def _finite_mean(values) -> float:
 
 
 def _batch_hash(batch) -> str:
+  """sha256 of this process's part of a batch (its shards in device order)."""
   import hashlib  # pylint: disable=g-import-not-at-top
   h = hashlib.sha256()
   for k in sorted(batch):
-    h.update(np.asarray(jax.device_get(batch[k])).tobytes())
+    for shard in sorted(batch[k].addressable_shards, key=lambda s: s.device.id):
+      h.update(np.asarray(shard.data).tobytes())
   return h.hexdigest()
 
 

@@ -26,7 +26,7 @@ TINY_FLAGS = ["--config=configs/default.py:cpu", "--config.model=DiT-S/2", "--co
               "--config.hidden_size=64", "--config.num_heads=2", "--config.data.image_size=8",
               "--config.data.max_examples=256", "--config.batch_size=16",
               "--config.log_every_steps=1", "--config.eval_every_steps=0",
-              "--config.record_batch_hashes=True", "--config.mesh_shape=(-1,1,1)"]
+              "--config.record_batch_hashes=True"]
 
 
 def subprocess_env(devices=2):
@@ -47,13 +47,14 @@ def tree_hash(tree) -> str:
 
 
 def tiny_abstract_state():
-  """The abstract TrainState of TINY_FLAGS's model (8x8x1 digits, 10 classes), unsharded."""
+  """The abstract TrainState of TINY_FLAGS's model (8x8x1 digits, 10 classes) on one device."""
   from tests.test_train import tiny_config
   config = tiny_config()
   model = train.create_model(config, (8, 8, 1), 10)
   abstract, _ = train.state_shardings(model, train.create_optimizer(config.optim),
                                       sharding.create_mesh((-1, 1, 1)))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
 
 
 def restore_final(workdir, step):
