@@ -59,6 +59,13 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
 
+  def restore_data_state(self, step: Optional[int] = None) -> dict:
+    """Only the JSON part of a checkpoint (no arrays are read)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    return self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
   def wait(self) -> None:
     """Blocks until the background writes are finished."""
     self._manager.wait_until_finished()

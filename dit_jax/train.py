@@ -5,31 +5,36 @@ outside world (data, checkpoints, signals, metric writers, sample grids) lives i
 `train_and_evaluate`. The same code runs on one CPU and on a multi-host mesh: shardings come from
 the parameters' logical axis names (sharding.py) via `jax.eval_shape`, before any parameter exists.
 """
+from __future__ import annotations
+
 import functools
 import json
 import os
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax import checkpoint as checkpoint_lib
-from dit_jax import data as data_lib
 from dit_jax import diffusion as diffusion_lib
 from dit_jax import dit as dit_lib
 from dit_jax import flops as flops_lib
 from dit_jax import sampling
 from dit_jax import sharding as sharding_lib
+
+if TYPE_CHECKING:
+  import ml_collections
+
+# The loop's I/O dependencies (ml_collections, clu, tensorflow via data/clu, orbax) are imported where
+# used, so the pure parts (state, step, sampling) import on a machine with only jax/flax/optax.
 
 # Dense peak FLOP/s per chip for MFU, by jax device_kind substring (bf16 unless noted).
 PEAK_TFLOPS = (
@@ -398,6 +403,8 @@ def _batch_hash(batch) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from workdir's latest checkpoint), logs, samples, checkpoints; returns state."""
+  from dit_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from dit_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   validate_config(config)
   maybe_initialize_distributed(config.distributed)
   workdir = pathlib.Path(workdir)
@@ -423,7 +430,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", config.keep_checkpoints,
                                      async_save=config.async_checkpoints)
-  data_state = dict(seed=config.seed, global_batch_size=config.batch_size)
+  # What a resumed run and tools/sample.py need besides the arrays.
+  data_state = dict(seed=config.seed, global_batch_size=config.batch_size,
+                    image_shape=list(source.image_shape), num_classes=source.num_classes,
+                    kind=source.kind, scaling_factor=source.scaling_factor)
   latest = ckpt.latest_step()
   if latest is not None:
     state, saved = ckpt.restore(
@@ -554,7 +564,7 @@ def _evaluate(config, sample_fn, state, pipeline, source, model, step, workdir, 
     if not config.eval.vae_path:
       logging.info("step %d: latents sampled; set eval.vae_path to decode grids", step)
       return
-    x = _decode_latents(config.eval.vae_path, x, source.scaling_factor)
+    x = decode_latents(config.eval.vae_path, x, source.scaling_factor)
   if jax.process_index() == 0:
     out = pathlib.Path(workdir) / "samples"
     out.mkdir(exist_ok=True)
@@ -569,7 +579,7 @@ def _vae(path):
   return module, params, jax.jit(lambda p, z: module.apply({"params": p}, z, method=module.decode))
 
 
-def _decode_latents(vae_path, z, scaling_factor):
+def decode_latents(vae_path, z, scaling_factor):
   """DiT latents -> images in [-1, 1] through the SD VAE."""
   _, params, decode = _vae(vae_path)
   return np.asarray(decode(params, jnp.asarray(z) / scaling_factor))
