@@ -47,7 +47,7 @@ def build_model(arch: str, tok: text.Tokenizer, image_size: int, channels: int,
 def train(model: text.TextConditioned, images_NxHxWxC: np.ndarray, ids_NxL: np.ndarray, *,
           steps: int, batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.999,
           seed: int = 0, log=print):
-  """AdamW on DiT's loss (eps MSE + VLB, learned Sigma); returns the EMA params."""
+  """AdamW on DiT's loss (eps MSE + VLB, learned Sigma); returns the EMA params (with warm-up)."""
   diff = diffusion.create()
   x_all = jnp.asarray(images_NxHxWxC.astype(np.float32) / 127.5 - 1.0)
   ids_all = jnp.asarray(ids_NxL)
@@ -57,7 +57,7 @@ def train(model: text.TextConditioned, images_NxHxWxC: np.ndarray, ids_NxL: np.n
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, ema, opt_state, rng):
+  def step(params, ema, opt_state, i, rng):
     r_idx, r_t, r_noise, r_drop = jax.random.split(rng, 4)
     idx = jax.random.randint(r_idx, (batch_size,), 0, x_all.shape[0])
     x0, ids = x_all[idx], ids_all[idx]
@@ -72,12 +72,14 @@ def train(model: text.TextConditioned, images_NxHxWxC: np.ndarray, ids_NxL: np.n
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    # Warm-up (1 + i) / (10 + i): a short run's EMA must not keep a share of the (zero-output) init.
+    decay = jnp.minimum(ema_decay, (1.0 + i) / (10.0 + i))
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     return params, ema, opt_state, loss
 
   ema, rng, t0 = params, jax.random.key(seed + 1), time.time()
   for i in range(steps):
-    params, ema, opt_state, loss = step(params, ema, opt_state, jax.random.fold_in(rng, i))
+    params, ema, opt_state, loss = step(params, ema, opt_state, i, jax.random.fold_in(rng, i))
     if log and ((i + 1) % max(1, steps // 10) == 0 or i == 0):
       log(f"step {i + 1}/{steps}: loss {float(loss):.4f} ({time.time() - t0:.0f}s)")
   return ema
