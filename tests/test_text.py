@@ -59,7 +59,7 @@ def test_text_encoder_matches_torch_transformer_encoder():
       layer_norm_eps=1e-6, batch_first=True, norm_first=True)
   ref = torch.nn.TransformerEncoder(layer, depth, norm=torch.nn.LayerNorm(d, eps=1e-6),
                                     enable_nested_tensor=False)
-  t = lambda a: torch.from_numpy(np.asarray(a, np.float32))
+  t = lambda a: torch.from_numpy(np.array(a, np.float32))
   sd = {"norm.weight": t(p["final_norm"]["scale"]), "norm.bias": t(p["final_norm"]["bias"])}
   for i in range(depth):
     lp, k = p[f"layers_{i}"], f"layers.{i}."
