@@ -11,15 +11,19 @@ import jax.numpy as jnp
 from dit_jax import dit as dit_lib
 
 
-def dit_macs(m: dit_lib.DiT) -> int:
-  """Multiply-accumulates of one forward pass of DiT `m` on one image."""
+def dit_macs(m: dit_lib.DiT, context_length: int = 0) -> int:
+  """Multiply-accumulates of one forward pass of DiT `m` on one image (with a context sequence of
+  `context_length` tokens when the model reads one)."""
   m.validate()
   d, p, c = m.hidden_size, m.patch_size, m.in_channels
   n = (m.input_size // p) ** 2
   s = 2 if m.num_classes else 1  # conditioning tokens (t, y)
+  context = context_length if m.context_dim else 0
+  s += context
   t = n + s if m.conditioning == "in_context" else n
   mlp = int(d * m.mlp_ratio)
   macs = n * c * p * p * d                 # patch embedding
+  macs += context * m.context_dim * d      # context projection
   macs += 256 * d + d * d                  # timestep MLP
   block = t * d * 3 * d + t * d * d        # fused qkv, output projection
   block += 2 * t * t * d                   # QK^T and AV
@@ -37,9 +41,9 @@ def dit_macs(m: dit_lib.DiT) -> int:
   return macs
 
 
-def gflops(m: dit_lib.DiT) -> float:
+def gflops(m: dit_lib.DiT, context_length: int = 0) -> float:
   """Analytic forward Gflops (paper convention: 1e9 MACs)."""
-  return dit_macs(m) / 1e9
+  return dit_macs(m, context_length) / 1e9
 
 
 def cost_flops(compiled) -> float:
@@ -69,3 +73,32 @@ def dit_inputs(m: dit_lib.DiT) -> tuple:
 def count_params(params) -> int:
   """Number of scalars in a (possibly boxed or abstract) params pytree."""
   return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
+
+
+def _is_unet(model) -> bool:
+  from dit_jax import unet  # pylint: disable=g-import-not-at-top  (unet imports this module)
+  return isinstance(model, unet.UNet)
+
+
+def model_gflops(model) -> float:
+  """Analytic forward Gflops of a DiT or a U-Net, one convention for both."""
+  if _is_unet(model):
+    from dit_jax import unet  # pylint: disable=g-import-not-at-top
+    return unet.gflops(model)
+  return gflops(model)
+
+
+def model_xla_gflops(model) -> float:
+  """XLA's forward Gflops of a DiT or a U-Net on one image."""
+  if _is_unet(model):
+    from dit_jax import unet  # pylint: disable=g-import-not-at-top
+    return unet.xla_gflops(model)
+  return xla_gflops(model, dit_inputs(model))
+
+
+def abstract_params(model):
+  """Shapes of a DiT's or U-Net's params, without allocating them."""
+  if _is_unet(model):
+    from dit_jax import unet  # pylint: disable=g-import-not-at-top
+    return jax.eval_shape(lambda: unet.init_params(model, jax.random.key(0)))
+  return jax.eval_shape(lambda: dit_lib.init_params(model, jax.random.key(0)))

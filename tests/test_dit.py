@@ -203,3 +203,17 @@ def test_converter_rejects_a_mismatched_checkpoint():
   with pytest.raises(ValueError, match="does not fit"):
     convert.from_official(sd, dit.DiT(input_size=16, hidden_size=64, depth=2, num_heads=2,
                                       num_classes=10, patch_size=4))
+
+
+def test_gflops_with_a_text_context_matches_xla():
+  model = dit.create("DiT-S/4", input_size=16, conditioning="cross_attn", context_dim=48,
+                     num_classes=10)
+  x = jax.ShapeDtypeStruct((1, 16, 16, 4), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  ctx = jax.ShapeDtypeStruct((1, 12, 48), jnp.float32)
+  params = jax.eval_shape(lambda: dit.init_params(model, jax.random.key(0)))
+  fwd = jax.jit(lambda p, x, t, y, c: model.apply({"params": p}, x, t, y, context=c))
+  xla = flops.cost_flops(fwd.lower(nn.unbox(params), x, t, t, ctx).compile()) / 2 / 1e9
+  analytic = flops.gflops(model, context_length=12)
+  assert analytic > flops.gflops(model)
+  assert abs(analytic - xla) / xla <= 0.015, (analytic, xla)
