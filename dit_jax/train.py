@@ -218,12 +218,16 @@ def jit_train_step(model, diffusion, tx, mesh, shardings, ema_decay: float,
 
 def make_sample_fn(model: dit_lib.DiT, diffusion: diffusion_lib.Diffusion, *, sampler: str = "ddpm",
                    cfg_scale: float = 1.0, guide_channels: Optional[int] = None,
-                   eta: float = 0.0) -> Callable:
-  """jitted (params, labels_B, rng, x_shape) -> samples; cfg_scale > 1 uses guidance."""
+                   eta: float = 0.0, mesh=None) -> Callable:
+  """jitted (params, labels_B, rng, x_shape) -> samples; cfg_scale > 1 uses guidance.
+
+  With `mesh` the samples come back replicated, so every process can read them (multi-host).
+  """
   if sampler not in ("ddpm", "ddim"):
     raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
+  out = sharding_lib.replicated(mesh) if mesh is not None else None
 
-  @functools.partial(jax.jit, static_argnums=(3,))
+  @functools.partial(jax.jit, static_argnums=(3,), out_shardings=out)
   def sample(params, y_B, rng, shape):
     if model.num_classes and cfg_scale != 1.0:
       fn = sampling.cfg_model_fn(
@@ -474,7 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   sample_fn = None
   if config.eval_every_steps > 0:
     sample_fn = make_sample_fn(model, create_diffusion(config, config.eval.respacing),
-                               cfg_scale=config.eval.cfg_scale)
+                               cfg_scale=config.eval.cfg_scale, mesh=mesh)
   hooks = []
   if lead:
     hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
@@ -556,10 +560,10 @@ def _evaluate(config, sample_fn, state, pipeline, source, model, step, workdir, 
   n = config.eval.num_grid_samples
   labels = np.arange(n, dtype=np.int32) % max(source.num_classes, 1)
   shape = (n,) + tuple(pipeline.image_shape[1:])
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_003)
+  # Host (numpy) inputs: on a multi-host mesh jit treats them as replicated global values.
+  rng = np.asarray(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_003))
   t0 = time.perf_counter()
-  x = sample_fn(state.ema_params, jnp.asarray(labels), rng, shape)
-  x = np.asarray(jax.device_get(x))
+  x = np.asarray(sample_fn(state.ema_params, labels, rng, shape))
   if source.kind == "latents":
     if not config.eval.vae_path:
       logging.info("step %d: latents sampled; set eval.vae_path to decode grids", step)
