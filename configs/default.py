@@ -78,6 +78,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval.respacing = "250"  # Sampling steps of the grid's DDPM sampler (paper: 250).
   config.eval.cfg_scale = 4.0  # Classifier-free guidance scale of the grid (1 = none).
   config.eval.vae_path = ""  # diffusers SD-VAE folder to decode latent grids ('' = no grid).
+  config.eval.fid_num_samples = 0  # FID/IS/P-R (evaluator.py) on this many EMA samples (0 = off).
+  config.eval.fid_batch_size = 64  # Sampling/feature batch of the FID evaluation (global).
+  config.eval.fid_cfg_scale = 1.5  # Guidance for FID samples (the paper's FID setting).
+  config.eval.feature_network = "auto"  # inception | cnn (per-dataset net) | auto (by resolution).
+  config.eval.fid_reference = ""  # Reference statistics .npz ('' = computed from the training data).
+  config.eval.fid_reference_size = 10_000  # Training images in a computed reference (0 = all).
+  config.eval.fid_cache_dir = ""  # Feature nets and references cache ('' = ~/.cache/dit_jax).
 
   if arg == "cpu":
     config.model = "DiT-Mi/4"
@@ -96,4 +103,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.eval_every_steps = 400
     config.eval.respacing = "50"
     config.eval.cfg_scale = 2.0
+    config.eval.fid_num_samples = 512  # scored with a CNN trained once on the digits
+    config.eval.fid_batch_size = 128
   return config

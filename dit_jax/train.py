@@ -475,10 +475,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer.write_scalars(start, dict(compile_time_s=compile_s, num_params=n_params,
                                    gflops_per_image=gflops))
 
-  sample_fn = None
+  sample_fn, evaluator = None, None
   if config.eval_every_steps > 0:
     sample_fn = make_sample_fn(model, create_diffusion(config, config.eval.respacing),
                                cfg_scale=config.eval.cfg_scale, mesh=mesh)
+    if config.eval.fid_num_samples > 0:
+      evaluator = _create_evaluator(config, source, model, mesh)
   hooks = []
   if lead:
     hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
@@ -536,6 +538,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if sample_fn is not None and (done % config.eval_every_steps == 0
                                     or done == config.num_train_steps):
         _evaluate(config, sample_fn, state, pipeline, source, model, done, workdir, writer)
+        if evaluator is not None:
+          t0 = time.perf_counter()
+          scores = evaluator["run"](state.ema_params, done)
+          scores["fid_eval_time_s"] = time.perf_counter() - t0
+          writer.write_scalars(done, scores)
+          logging.info("step %d: %s", done, scores)
       if preempt.reached(done):
         logging.warning("SIGTERM: saving step %d and exiting", done)
         if int(jax.device_get(metrics["nonfinite_streak"])) == 0:
@@ -574,6 +582,58 @@ def _evaluate(config, sample_fn, state, pipeline, source, model, step, workdir, 
     out.mkdir(exist_ok=True)
     save_grid(to_uint8(x), out / f"step_{step:08d}.png")
   writer.write_scalars(step, dict(sample_time_s=time.perf_counter() - t0))
+
+
+def _create_evaluator(config, source, model, mesh) -> dict:
+  """The sample-quality evaluator (evaluator.py) on EMA samples: {'run': (params, step) -> metrics}.
+
+  Pixel data: reference statistics of the training source, cached per dataset/resolution/network.
+  Latents: eval.fid_reference must name reference statistics (e.g. ADM's VIRTUAL_imagenet256 npz)
+  and eval.vae_path the decoder.
+  """
+  from dit_jax import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+  from dit_jax import fid  # pylint: disable=g-import-not-at-top
+  ev = config.eval
+  latents = source.kind == "latents"
+  if latents and not (ev.fid_reference and ev.vae_path):
+    raise ValueError("eval.fid_num_samples > 0 on latents needs eval.fid_reference (reference "
+                     "statistics .npz, e.g. ADM's VIRTUAL_imagenet256_labeled.npz) and "
+                     "eval.vae_path (the SD-VAE to decode samples)")
+  n_ref = source.num_examples if ev.fid_reference_size <= 0 else min(ev.fid_reference_size,
+                                                                      source.num_examples)
+
+  def labelled_images():
+    idx = np.arange(n_ref)
+    return source.read(idx, np.zeros(n_ref, bool))
+
+  data_cfg = dict(config.data.to_dict(), image_size=source.image_shape[0])
+  name, feature_fn = fid.feature_network(
+      data_cfg, ev.feature_network, cache_dir=ev.fid_cache_dir or None,
+      labelled_images=None if latents else labelled_images, log=logging.info)
+  if ev.fid_reference:
+    reference = fid.load_reference(ev.fid_reference, name, feature_fn, mesh=mesh)
+  else:
+    cache = ev.fid_cache_dir or str(pathlib.Path.home() / ".cache" / "dit_jax")
+    reference = fid.cached_reference(cache, source.name, config.data.split, source.image_shape[0],
+                                     name, feature_fn, lambda: labelled_images()[0], mesh=mesh,
+                                     batch_size=ev.fid_batch_size)
+  evaluator = evaluator_lib.Evaluator(
+      name, feature_fn, reference, ev.fid_num_samples, ev.fid_batch_size,
+      num_classes=model.num_classes or None, mesh=mesh, data_axis=sharding_lib.BATCH_AXES,
+      progress=False)
+  # Samples stay sharded over the batch (no replicated output); guidance as the paper's FID (1.5).
+  sample = make_sample_fn(model, create_diffusion(config, ev.respacing), cfg_scale=ev.fid_cfg_scale)
+  shape = (ev.fid_batch_size,) + tuple(source.image_shape)
+
+  def run(params, step):
+    def sample_fn(rng, labels):
+      if labels is None:
+        labels = np.zeros((ev.fid_batch_size,), np.int32)
+      x = sample(params, labels, rng, shape)
+      return decode_latents(ev.vae_path, x, source.scaling_factor) if latents else x
+    return evaluator.run(sample_fn, jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step))
+
+  return {"run": run}
 
 
 @functools.lru_cache(maxsize=1)

@@ -31,6 +31,7 @@ def tiny_config(**overrides):
   config.log_every_steps = 1
   config.checkpoint_every_steps = 2
   config.eval_every_steps = 0
+  config.eval.fid_num_samples = 0
   config.optim.warmup_steps = 0
   config.mesh_shape = (-1, 1, 1)
   for k, v in overrides.items():
