@@ -26,8 +26,10 @@ class Size:
 
 
 # The paper's Table 4 (S, B, L, XL) and smaller rows for CPU sweeps. Ti is DeiT-Ti's width;
-# Mi and Nano keep DiT's head width (64) and halve depth/width again.
+# Mi and Nano keep DiT's head width (64) and shrink depth and width; Pico has 0.56x Nano's Gflops,
+# so a Pico/Nano x patch grid interleaves in Gflops (each step about 2x) as the CPU sweep wants.
 SIZES = {
+    "Pico": Size(4, 96, 2),
     "Nano": Size(4, 128, 2),
     "Mi": Size(6, 192, 3),
     "Ti": Size(12, 192, 3),

@@ -1,14 +1,21 @@
-"""Trains a DiT: `python -m dit_jax.main --config=configs/default.py:cpu --workdir=/tmp/dit`."""
+"""Entry point. A training run, or a sweep when the config has a `sweep` block:
+
+  python -m dit_jax.main --config=configs/default.py:cpu --workdir=/tmp/dit     # one model
+  python -m dit_jax.main --config=configs/dit_sweep.py                          # the scaling sweep
+"""
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dit_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sample grids.")
-config_flags.DEFINE_config_file("config", None, "Training config file (with an optional :preset).",
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results "
+                    "(default: the config's `workdir` field).")
+config_flags.DEFINE_config_file("config", None, "Config file (with an optional :preset).",
                                 lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -17,8 +24,20 @@ def main(argv):
   # Orbax logs every save step by step at INFO; keep its warnings only.
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
-  logging.info("config:\n%s", FLAGS.config)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  config = FLAGS.config
+  workdir = FLAGS.workdir or config.get("workdir")
+  if not workdir:
+    raise app.UsageError("--workdir is required (this config has no default workdir)")
+  logging.info("config:\n%s", config)
+  if "sweep" in config:
+    from dit_jax import sweep  # pylint: disable=g-import-not-at-top
+    failed = sweep.run(config, workdir)
+    if failed:
+      logging.error("sweep: %d member(s) failed: %s (see %s/results.jsonl)", len(failed), failed,
+                    workdir)
+      sys.exit(1)
+  else:
+    train.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

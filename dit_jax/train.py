@@ -67,11 +67,17 @@ def dtype_of(name: str):
   return table[name]
 
 
-def create_model(config: ml_collections.ConfigDict, image_shape, num_classes: int) -> dit_lib.DiT:
-  """The DiT the config names, sized to the data (image side, channels, classes)."""
+def create_model(config: ml_collections.ConfigDict, image_shape, num_classes: int):
+  """The DiT (or U-Net, for names 'UNet-*') the config names, sized to the data."""
   h, w, c = image_shape
   if h != w:
     raise ValueError(f"DiT needs square inputs, the data gives {h}x{w}")
+  if config.model.startswith("UNet-"):
+    from dit_jax import unet  # pylint: disable=g-import-not-at-top
+    return unet.create(config.model, input_size=h, in_channels=c,
+                       num_classes=num_classes if config.class_conditional else 0,
+                       class_dropout_prob=config.class_dropout_prob, learn_sigma=config.learn_sigma,
+                       dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype))
   impl = config.attention_impl or None
   if impl not in (None, "xla", "cudnn"):
     raise ValueError(f"attention_impl {impl!r}: use '' (jax chooses), 'xla' or 'cudnn'")
@@ -114,9 +120,17 @@ def create_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransfor
   return tx
 
 
+def init_params(model, key):
+  """Boxed params of a DiT or a U-Net."""
+  if isinstance(model, dit_lib.DiT):
+    return dit_lib.init_params(model, key)
+  from dit_jax import unet  # pylint: disable=g-import-not-at-top
+  return unet.init_params(model, key)
+
+
 def _boxed_state(model: dit_lib.DiT, tx, seed_key) -> TrainState:
   init_key, train_key = jax.random.split(seed_key)
-  params = dit_lib.init_params(model, init_key)  # logically partitioned boxes
+  params = init_params(model, init_key)  # logically partitioned boxes
   zero = jnp.zeros((), jnp.int32)
   # EMA starts as a copy of the initial params, as DiT's train.py.
   return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params),
@@ -352,7 +366,11 @@ def validate_config(config) -> None:
     raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
   if config.max_nonfinite_streak < 1:
     raise ValueError("max_nonfinite_streak must be >= 1")
-  dit_lib.parse_name(config.model)
+  if config.model.startswith("UNet-"):
+    from dit_jax import unet  # pylint: disable=g-import-not-at-top
+    unet.parse_name(config.model)
+  else:
+    dit_lib.parse_name(config.model)
   if config.conditioning not in dit_lib.CONDITIONINGS:
     raise ValueError(f"unknown conditioning {config.conditioning!r}; choose from "
                      f"{dit_lib.CONDITIONINGS}")
@@ -407,6 +425,7 @@ def _batch_hash(batch) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from workdir's latest checkpoint), logs, samples, checkpoints; returns state."""
+  wall_t0 = time.perf_counter()
   from dit_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from dit_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   validate_config(config)
@@ -467,7 +486,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch_abstract).compile()
   compile_s = time.perf_counter() - t0
-  gflops = flops_lib.gflops(model)
+  gflops = flops_lib.model_gflops(model)
   peak = peak_flops_per_device(config) * jax.device_count()
   n_params = flops_lib.count_params(state.params)
   logging.info("%s: %.2fM params, %.3f Gflops/image, train step compiled in %.1f s",
@@ -541,7 +560,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if evaluator is not None:
           t0 = time.perf_counter()
           scores = evaluator["run"](state.ema_params, done)
-          scores["fid_eval_time_s"] = time.perf_counter() - t0
+          scores["eval_time_s"] = time.perf_counter() - t0
+          scores["wall_s"] = time.perf_counter() - wall_t0  # since this run (or resume) began
           writer.write_scalars(done, scores)
           logging.info("step %d: %s", done, scores)
       if preempt.reached(done):
@@ -593,6 +613,7 @@ def _create_evaluator(config, source, model, mesh) -> dict:
   """
   from dit_jax import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
   from dit_jax import fid  # pylint: disable=g-import-not-at-top
+  from dit_jax import inception  # pylint: disable=g-import-not-at-top
   ev = config.eval
   latents = source.kind == "latents"
   if latents and not (ev.fid_reference and ev.vae_path):
@@ -613,7 +634,7 @@ def _create_evaluator(config, source, model, mesh) -> dict:
   if ev.fid_reference:
     reference = fid.load_reference(ev.fid_reference, name, feature_fn, mesh=mesh)
   else:
-    cache = ev.fid_cache_dir or str(pathlib.Path.home() / ".cache" / "dit_jax")
+    cache = ev.fid_cache_dir or str(inception.default_cache_dir())
     reference = fid.cached_reference(cache, source.name, config.data.split, source.image_shape[0],
                                      name, feature_fn, lambda: labelled_images()[0], mesh=mesh,
                                      batch_size=ev.fid_batch_size)

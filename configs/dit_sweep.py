@@ -1,0 +1,54 @@
+"""The scaling sweep: FID against forward Gflops over model size x patch size, at equal steps.
+
+  python -m dit_jax.main --config=configs/dit_sweep.py                 # CPU default (digits, offline)
+  python -m dit_jax.main --config=configs/dit_sweep.py:paper --workdir=gs://bucket/dit_sweep
+  python -m dit_jax.main --config=configs/dit_sweep.py:mnist --config.sweep.member=3   # one member
+
+Presets: '' / 'cpu' (the default: scikit-learn digits at 16x16, offline, about 15 min on 2 cores),
+'paper' (the DiT paper's 12 models on ImageNet-256 latents, batch 256, 400K steps, FID-50K with 250
+DDPM steps and no guidance), 'mnist' and 'cifar10' (tfds, or local files via --config.data.path),
+'folder' (a class-folder dataset at --config.data.path).
+"""
+import ml_collections
+
+from configs import default
+
+PRESETS = ("", "cpu", "paper", "mnist", "cifar10", "folder")
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """The sweep config of preset `arg`."""
+  if arg not in PRESETS:
+    raise ValueError(f"unknown sweep preset {arg!r}; choose from {PRESETS}")
+  config = default.get_config("paper" if arg == "paper" else "cpu")
+  config.workdir = f"workdir/dit_sweep_{arg or 'cpu'}"  # Used when --workdir is not given.
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.sizes = ("S", "B", "L", "XL")  # DiT sizes (dit.SIZES rows) crossed with...
+  config.sweep.patches = (8, 4, 2)  # ... these patch sizes.
+  config.sweep.extra_models = ()  # Further members, e.g. U-Nets ('UNet-B'), on the same curve.
+  config.sweep.member = ""  # Run only this member: its index or name (array jobs); '' = all.
+
+  if arg == "paper":
+    config.eval.fid_num_samples = 50_000  # FID-50K.
+    config.eval.respacing = "250"  # 250 DDPM steps.
+    config.eval.cfg_scale = 1.0  # No guidance (Table 4).
+    config.eval_every_steps = 50_000
+    return config
+
+  # CPU-sized presets: small models, short equal-step training, the dataset CNN as feature network.
+  config.sweep.sizes = ("Pico", "Nano")
+  config.sweep.extra_models = ("UNet-Nano",)
+  config.batch_size = 32
+  config.num_train_steps = 500
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 250
+  config.eval_every_steps = 250
+  config.eval.num_grid_samples = 16
+  config.eval.fid_num_samples = 512
+  config.eval.fid_batch_size = 128
+  config.eval.fid_cfg_scale = 1.0  # No guidance, as the paper's Table 4.
+  if arg in ("mnist", "cifar10", "folder"):
+    config.data.name = arg
+    config.data.image_size = 32  # MNIST's 28 px are resized to 32 so patches 8/4/2 tile it.
+    config.data.flip = arg != "mnist"  # Digits are not mirror-symmetric.
+  return config

@@ -1,0 +1,109 @@
+"""The scaling sweep end to end: train, evaluate, results rows, plots; re-runs skip finished members."""
+import json
+import pathlib
+import sys
+
+import pytest
+
+from dit_jax import sweep, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import dit_sweep  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+import plot_scaling  # noqa: E402
+
+
+def tiny_sweep(tmp_path):
+  """Two DiT-Pico members (patch 8 and 4) on 8x8 digits, 4 steps, FID-32 at steps 2 and 4."""
+  config = dit_sweep.get_config("")
+  config.sweep.sizes = ("Pico",)
+  config.sweep.patches = (8, 4)
+  config.sweep.extra_models = ()
+  config.data.image_size = 8
+  config.data.max_examples = 256
+  config.batch_size = 16
+  config.num_train_steps = 4
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.eval_every_steps = 2
+  config.eval.num_grid_samples = 4
+  config.eval.respacing = "4"
+  config.eval.fid_num_samples = 32
+  config.eval.fid_batch_size = 16
+  config.eval.fid_reference_size = 256
+  config.eval.fid_cache_dir = str(tmp_path / "cache")
+  return config
+
+
+def rows(path):
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_member_sweep_end_to_end_and_rerun(tmp_path, monkeypatch):
+  config = tiny_sweep(tmp_path)
+  work = tmp_path / "sweep"
+  assert sweep.run(config, work) == []
+  got = rows(work / "results.jsonl")
+  assert [(r["run"], r["step"]) for r in got] == [("DiT-Pico/8", 2), ("DiT-Pico/8", 4),
+                                                  ("DiT-Pico/4", 2), ("DiT-Pico/4", 4)]
+  for r in got:
+    assert r["status"] == "ok" and r["fid_metric"] == "fid_digits_cnn" and r["fid"] > 0
+    assert r["train_compute_gflops"] == pytest.approx(r["gflops"] * 16 * r["step"] * 3)
+    assert r["images_per_s"] > 0 and r["wall_s"] > 0 and r["xla_gflops"] > 0
+  assert got[2]["gflops"] > got[0]["gflops"]  # patch 4 costs more than patch 8
+  assert [r.get("final", False) for r in got] == [False, True, False, True]
+
+  summary = plot_scaling.plot_all(plot_scaling.read_rows(work / "results.jsonl"), tmp_path / "plots")
+  for name in ("fid_vs_gflops", "fid_vs_steps", "fid_vs_compute"):
+    for ext in ("png", "svg"):
+      assert (tmp_path / "plots" / f"{name}.{ext}").stat().st_size > 1000
+  assert "DiT-Pico/4" in (tmp_path / "plots" / "results.md").read_text()
+  assert summary["members"] == 2
+
+  # A re-run trains nothing: both members are finished.
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished member was trained again")
+  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  assert sweep.run(config, work) == []
+  assert len(rows(work / "results.jsonl")) == 4
+
+
+def test_failed_member_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+  config = tiny_sweep(tmp_path)
+  trained = []
+
+  def fake_train(cfg, workdir):
+    if cfg.model == "DiT-Pico/8":
+      raise RuntimeError("out of memory")
+    trained.append(cfg.model)
+    pathlib.Path(workdir).mkdir(parents=True)
+    (pathlib.Path(workdir) / "metrics.jsonl").write_text(
+        json.dumps({"step": 4, "images_per_sec": 10.0}) + "\n" +
+        json.dumps({"step": 4, "fid_digits_cnn": 12.5, "wall_s": 3.0}) + "\n")
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  assert sweep.run(config, tmp_path / "w") == ["DiT-Pico/8"]
+  got = rows(tmp_path / "w" / "results.jsonl")
+  assert got[0]["status"] == "failed" and "out of memory" in got[0]["error"]
+  assert got[1]["run"] == "DiT-Pico/4" and got[1]["fid"] == 12.5 and got[1]["final"]
+  assert trained == ["DiT-Pico/4"]
+
+
+def test_member_selection_and_config_errors(tmp_path):
+  names = sweep.member_names(dit_sweep.get_config("").sweep)
+  assert names[:3] == ["DiT-Pico/8", "DiT-Pico/4", "DiT-Pico/2"] and names[-1] == "UNet-Nano"
+  assert sweep.select(names, "1") == ["DiT-Pico/4"]
+  assert sweep.select(names, "UNet-Nano") == ["UNet-Nano"]
+  with pytest.raises(ValueError, match="not in the sweep"):
+    sweep.select(names, "DiT-XL/2")
+  with pytest.raises(ValueError, match="has 7 members"):
+    sweep.select(names, "7")
+  config = tiny_sweep(tmp_path)
+  config.sweep.patches = (3,)  # does not tile 8x8: an error before anything trains
+  with pytest.raises(ValueError, match="does not divide"):
+    sweep.run(config, tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+  with pytest.raises(ValueError, match="unknown sweep preset"):
+    dit_sweep.get_config("imagenet")
