@@ -173,3 +173,19 @@ def test_nonfinite_streak_stops_and_keeps_last_good_checkpoint(tmp_path, monkeyp
   state, data_state = ckpt.restore(None, abstract)
   assert int(state.step) == 2 and data_state["next_step"] == 2
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_the_trainer_trains_a_unet_through_the_same_loop(tmp_path):
+  """One model interface: a 'UNet-*' name goes through the same state, step, loop and sampler."""
+  from dit_jax import flops, unet
+  config = tiny_config(model="UNet-Nano", num_train_steps=2, checkpoint_every_steps=2,
+                       eval_every_steps=2, **{"eval.respacing": "3", "eval.num_grid_samples": 4})
+  model = train.create_model(config, (8, 8, 1), 10)
+  assert isinstance(model, unet.UNet) and model.num_classes == 10
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
+  rows = _read_jsonl(tmp_path / "metrics.jsonl")
+  gflops = next(r["gflops_per_image"] for r in rows if "gflops_per_image" in r)
+  assert gflops == pytest.approx(flops.model_gflops(model))
+  assert (tmp_path / "samples" / "step_00000002.png").exists()
