@@ -13,6 +13,7 @@ import pathlib
 import sys
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -71,6 +72,10 @@ def plot_all(rows, out: pathlib.Path) -> dict:
   finals, runs, col = final_rows(rows), by_run(rows), colours(rows)
 
   def save(fig, name):
+    for ax in fig.axes:  # x: label only the decades (minor labels overlap); y: plain numbers
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+      ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+      ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     for ext in ("png", "svg"):
       fig.savefig(out / f"{name}.{ext}", dpi=130, bbox_inches="tight")
     plt.close(fig)
