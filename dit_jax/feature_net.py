@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
-from dit_jax import datasets
+from dit_jax import data, datasets
 
 Dtype = Any
 
@@ -49,21 +48,10 @@ class FeatureNet(nn.Module):
 
 
 def resize_images(images_NxHxWxC: np.ndarray, size: int) -> np.ndarray:
-  """ADM's centre crop of uint8 images to size x size (BOX-halve, BICUBIC short side, crop)."""
+  """ADM's centre crop of uint8 images to size x size, the training pipeline's own resize."""
   if images_NxHxWxC.shape[1:3] == (size, size):
     return images_NxHxWxC
-  out = []
-  for im in images_NxHxWxC:
-    pil = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
-    while min(pil.size) >= 2 * size:
-      pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
-    scale = size / min(pil.size)
-    pil = pil.resize(tuple(round(s * scale) for s in pil.size), resample=Image.BICUBIC)
-    arr = np.asarray(pil)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    out.append(arr[top:top + size, left:left + size])
-  out = np.stack(out)
-  return out[..., None] if out.ndim == 3 else out
+  return np.stack([data.prepare_image(im, size, 0) for im in images_NxHxWxC])
 
 
 def read_labelled(name: str, path=None, image_size: int | None = None, channels: int = 0,
