@@ -26,6 +26,12 @@ def test_model_table_json():
   assert rows[1]["params"] == 674_834_720 and abs(rows[1]["gflops"] - 118.64) < 0.05
 
 
+def test_model_table_lists_unets_with_the_same_counter():
+  rows = json.loads(run_tool("tools/model_table.py", "--json", "--models", "UNet-S"))
+  assert rows[0]["model"] == "UNet-S" and abs(rows[0]["gflops"] - 4.788) < 0.01
+  assert abs(rows[0]["xla_gflops"] / rows[0]["gflops"] - 1) <= 0.01
+
+
 def test_convert_tool_reads_an_official_pt(tmp_path):
   import torch
   sd = _random_official_state_dict(depth=12, d=384, heads=6, p=8, c=4, num_classes=1000, grid=4)

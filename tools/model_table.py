@@ -1,24 +1,25 @@
-"""Params and forward Gflops (paper convention and XLA's count) for DiT variants.
+"""Params and forward Gflops (paper convention and XLA's count) for DiT and U-Net variants.
 
   python tools/model_table.py --json                 # the 12 models of the paper's Table 4
   python tools/model_table.py --markdown --models DiT-Mi/2,DiT-Nano/4 --input-size 16 --channels 1
+  python tools/model_table.py --markdown --models UNet-S,UNet-B,UNet-L,UNet-XL
 """
 import argparse
 import json
 import sys
 
-import jax
-
-from dit_jax import dit, flops
+from dit_jax import dit, flops, unet
 
 
 def row(name: str, input_size: int, channels: int, num_classes: int, conditioning: str) -> dict:
-  """One table row; params counted from the (abstract) params pytree."""
-  model = dit.create(name, input_size=input_size, in_channels=channels, num_classes=num_classes,
-                     conditioning=conditioning)
-  params = jax.eval_shape(lambda: dit.init_params(model, jax.random.key(0)))
-  return {"model": name, "params": flops.count_params(params), "gflops": flops.gflops(model),
-          "xla_gflops": flops.xla_gflops(model, flops.dit_inputs(model))}
+  """One table row (a DiT, or a U-Net for 'UNet-*'); params counted from the params pytree."""
+  if name.startswith("UNet-"):
+    model = unet.create(name, input_size=input_size, in_channels=channels, num_classes=num_classes)
+  else:
+    model = dit.create(name, input_size=input_size, in_channels=channels, num_classes=num_classes,
+                       conditioning=conditioning)
+  return {"model": name, "params": flops.count_params(flops.abstract_params(model)),
+          "gflops": flops.model_gflops(model), "xla_gflops": flops.model_xla_gflops(model)}
 
 
 def markdown(rows) -> str:
@@ -31,7 +32,8 @@ def markdown(rows) -> str:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--models", default=",".join(dit.PAPER_MODELS),
-                  help="comma-separated names like DiT-XL/2 (sizes: %s)" % ", ".join(dit.SIZES))
+                  help="comma-separated names like DiT-XL/2 (sizes: %s) or UNet-B (sizes: %s)"
+                  % (", ".join(dit.SIZES), ", ".join(unet.SIZES)))
   ap.add_argument("--input-size", type=int, default=32, help="latent/image side (32 = 256px latents)")
   ap.add_argument("--channels", type=int, default=4)
   ap.add_argument("--num-classes", type=int, default=1000)
