@@ -56,8 +56,8 @@ def xavier(names, zero: bool = False, **axes):
   return nn.with_logical_partitioning(init, names)
 
 
-def bias(names, zero: bool = True):
-  del zero
+def bias(names):
+  """Zero-initialised bias with logical axis names (every bias in DiT starts at zero)."""
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 

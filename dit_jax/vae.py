@@ -12,7 +12,7 @@ Latents: DiT trains on `posterior SAMPLE * scaling_factor` (0.18215 for SD) and 
 import dataclasses
 import json
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -178,12 +178,12 @@ class MidBlock(nn.Module):
     return ResnetBlock(self.channels, self.groups, name="resnets_1", **kw)(x)
 
 
-class EncoderBlock(nn.Module):
-  """diffusers DownEncoderBlock2D: resnets then an optional downsampler."""
+class ResnetStack(nn.Module):
+  """diffusers DownEncoderBlock2D / UpDecoderBlock2D: resnets, then an optional down/upsampler."""
   channels: int
   groups: int
   num_layers: int
-  add_downsample: bool
+  resample: Optional[str] = None  # None, "down" (downsamplers_0) or "up" (upsamplers_0)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -192,26 +192,9 @@ class EncoderBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for j in range(self.num_layers):
       x = ResnetBlock(self.channels, self.groups, name=f"resnets_{j}", **kw)(x)
-    if self.add_downsample:
+    if self.resample == "down":
       x = Downsample(self.channels, name="downsamplers_0", **kw)(x)
-    return x
-
-
-class DecoderBlock(nn.Module):
-  """diffusers UpDecoderBlock2D: resnets then an optional upsampler."""
-  channels: int
-  groups: int
-  num_layers: int
-  add_upsample: bool
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    for j in range(self.num_layers):
-      x = ResnetBlock(self.channels, self.groups, name=f"resnets_{j}", **kw)(x)
-    if self.add_upsample:
+    elif self.resample == "up":
       x = Upsample(self.channels, name="upsamplers_0", **kw)(x)
     return x
 
@@ -228,8 +211,8 @@ class Encoder(nn.Module):
     chans, g = cfg.block_out_channels, cfg.norm_num_groups
     h = _conv(chans[0], 3, "conv_in", **kw)(x_BxHxWxC)
     for i, ch in enumerate(chans):
-      h = EncoderBlock(ch, g, cfg.layers_per_block, i < len(chans) - 1,
-                       name=f"down_blocks_{i}", **kw)(h)
+      h = ResnetStack(ch, g, cfg.layers_per_block, "down" if i < len(chans) - 1 else None,
+                      name=f"down_blocks_{i}", **kw)(h)
     h = MidBlock(chans[-1], g, cfg.mid_block_add_attention, name="mid_block", **kw)(h)
     h = nn.silu(_group_norm(g, "conv_norm_out", **kw)(h))
     return _conv(2 * cfg.latent_channels, 3, "conv_out", **kw)(h)
@@ -248,8 +231,8 @@ class Decoder(nn.Module):
     h = _conv(chans[0], 3, "conv_in", **kw)(z_BxhxwxC)
     h = MidBlock(chans[0], g, cfg.mid_block_add_attention, name="mid_block", **kw)(h)
     for i, ch in enumerate(chans):
-      h = DecoderBlock(ch, g, cfg.layers_per_block + 1, i < len(chans) - 1,
-                       name=f"up_blocks_{i}", **kw)(h)
+      h = ResnetStack(ch, g, cfg.layers_per_block + 1, "up" if i < len(chans) - 1 else None,
+                      name=f"up_blocks_{i}", **kw)(h)
     h = nn.silu(_group_norm(g, "conv_norm_out", **kw)(h))
     return _conv(cfg.out_channels, 3, "conv_out", **kw)(h)
 
