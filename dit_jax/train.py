@@ -192,22 +192,22 @@ def train_step(state: TrainState, batch: dict, *, model: dit_lib.DiT,
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  new_ema = jax.tree.map(lambda e, p: e * ema_decay + (1.0 - ema_decay) * p,
-                         state.ema_params, new_params)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  def update(state):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: e * ema_decay + (1.0 - ema_decay) * p, state.ema_params, params)
+    return state.replace(params=params, ema_params=ema, opt_state=opt_state)
+
+  # A skipped step keeps params, EMA and optimizer state as they were. lax.cond (not jnp.where over
+  # every leaf) runs only the taken branch, so a finite step pays no extra passes over the state.
+  new_state = jax.lax.cond(finite, update, lambda s: s, state)
   streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      ema_params=keep(new_ema, state.ema_params),
-      opt_state=keep(new_opt_state, state.opt_state),
-      nonfinite_streak=streak,
+  new_state = new_state.replace(
+      step=state.step + 1, nonfinite_streak=streak,
       nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
   metrics = dict(loss=loss, mse=jnp.mean(terms["mse"]), vb=jnp.mean(terms["vb"]),
-                 grad_norm=grad_norm, param_norm=optax.tree.norm(new_state.params),
-                 skipped=(~finite).astype(jnp.int32), nonfinite_streak=streak,
+                 grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32), nonfinite_streak=streak,
                  nonfinite_total=new_state.nonfinite_total)
   if lr_fn is not None:
     metrics["lr"] = lr_fn(state.step)
@@ -486,6 +486,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch_abstract).compile()
   compile_s = time.perf_counter() - t0
+  # The params' global norm is logged at log steps only: a pass over every parameter is a
+  # noticeable share of a small model's step on CPU.
+  param_norm = jax.jit(optax.tree.norm, out_shardings=sharding_lib.replicated(mesh))
   gflops = flops_lib.model_gflops(model)
   peak = peak_flops_per_device(config) * jax.device_count()
   n_params = flops_lib.count_params(state.params)
@@ -543,6 +546,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                    if k not in ("nonfinite_streak", "nonfinite_total", "skipped")}
         summary["skipped"] = float(sum(m["skipped"] for m in host))
         summary["nonfinite_total"] = float(host[-1]["nonfinite_total"])
+        summary["param_norm"] = float(param_norm(state.params))
         steps_per_s = (done - window_start) / dt
         summary.update(steps_per_sec=steps_per_s,
                        images_per_sec=steps_per_s * config.batch_size)
