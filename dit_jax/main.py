@@ -29,6 +29,8 @@ def main(argv):
   if not workdir:
     raise app.UsageError("--workdir is required (this config has no default workdir)")
   logging.info("config:\n%s", config)
+  # Before anything touches a device: the sweep compiles cost analyses before its first member.
+  train.maybe_initialize_distributed(config.distributed)
   if "sweep" in config:
     from dit_jax import sweep  # pylint: disable=g-import-not-at-top
     failed = sweep.run(config, workdir)

@@ -288,7 +288,8 @@ def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
                                num_processes=dist.num_processes, process_id=dist.process_id)
   elif dist.auto and (int(os.environ.get("SLURM_NTASKS", "1")) > 1
                       or "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS"
-                      in os.environ):
+                      in os.environ or os.environ.get("DIT_JAX_DISTRIBUTED") == "1"):
+    # DIT_JAX_DISTRIBUTED=1 (tools/launch_tpu_pod.sh): a Cloud TPU VM pod, which JAX detects itself.
     jax.distributed.initialize()
 
 

@@ -30,13 +30,16 @@ class Size:
   num_res_blocks: int
   attention_resolutions: tuple  # downsample rates (1 = full resolution) with self-attention
   num_head_channels: int = 64
+  num_groups: int = 32  # GroupNorm groups (GroupNorm32); must divide every level's width
 
 
 # Sizes for 32x32x4 latents whose forward Gflops (MACs, one image) span DiT-S/2 (6.06) .. DiT-XL/2
 # (118.6): one family, levels 32-16-8-4 with self-attention at 16, 8 and 4 (ADM-style), only the width
 # changes. S 4.79, B 25.6, L 74.8, XL 116.7 Gflops (see experiments/text_conditioning.md). Head
-# width 32 (as LDM) because the widths are multiples of 32, not 64. Nano is a CPU-sized row.
+# width 32 (as LDM) because the widths are multiples of 32, not 64. Nano and Pico are CPU-sized rows;
+# Pico (width 16, GroupNorm8) is the U-Net of the default CPU sweep (configs/dit_sweep.py).
 SIZES = {
+    "Pico": Size(16, (1, 2), 1, (2,), 16, num_groups=8),
     "Nano": Size(32, (1, 2), 1, (2,), 32),
     "S": Size(96, (1, 2, 3, 4), 2, (2, 4, 8), 32),
     "B": Size(224, (1, 2, 3, 4), 2, (2, 4, 8), 32),
@@ -332,7 +335,7 @@ def create(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes
   s = SIZES[parse_name(name)]
   fields = dict(model_channels=s.model_channels, channel_mult=s.channel_mult,
                 num_res_blocks=s.num_res_blocks, attention_resolutions=s.attention_resolutions,
-                num_head_channels=s.num_head_channels)
+                num_head_channels=s.num_head_channels, num_groups=s.num_groups)
   fields.update(kwargs)
   model = UNet(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **fields)
   model.validate()

@@ -93,9 +93,9 @@ def test_failed_member_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
 
 def test_member_selection_and_config_errors(tmp_path):
   names = sweep.member_names(dit_sweep.get_config("").sweep)
-  assert names[:3] == ["DiT-Pico/8", "DiT-Pico/4", "DiT-Pico/2"] and names[-1] == "UNet-Nano"
+  assert names[:3] == ["DiT-Pico/8", "DiT-Pico/4", "DiT-Pico/2"] and names[-1] == "UNet-Pico"
   assert sweep.select(names, "1") == ["DiT-Pico/4"]
-  assert sweep.select(names, "UNet-Nano") == ["UNet-Nano"]
+  assert sweep.select(names, "UNet-Pico") == ["UNet-Pico"]
   with pytest.raises(ValueError, match="not in the sweep"):
     sweep.select(names, "DiT-XL/2")
   with pytest.raises(ValueError, match="has 7 members"):
