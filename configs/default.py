@@ -58,7 +58,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Parallelism.
   config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor) sizes; one may be -1 (= the rest).
-  config.cpu_devices = 0  # >0: split the host CPU into this many XLA devices (0 = one device).
   config.logical_axis_rules = ()  # ((logical, mesh axis or None), ...); () = sharding.DEFAULT_RULES.
   config.distributed = ml_collections.ConfigDict()
   config.distributed.auto = True  # jax.distributed.initialize() when SLURM / a TPU pod is detected.

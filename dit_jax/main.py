@@ -3,7 +3,6 @@
   python -m dit_jax.main --config=configs/default.py:cpu --workdir=/tmp/dit     # one model
   python -m dit_jax.main --config=configs/dit_sweep.py                          # the scaling sweep
 """
-import os
 import sys
 
 from absl import app, flags, logging
@@ -30,7 +29,6 @@ def main(argv):
   if not workdir:
     raise app.UsageError("--workdir is required (this config has no default workdir)")
   logging.info("config:\n%s", config)
-  split_cpu(config.get("cpu_devices", 0))
   # Before anything touches a device: the sweep compiles cost analyses before its first member.
   train.maybe_initialize_distributed(config.distributed)
   if "sweep" in config:
@@ -42,15 +40,6 @@ def main(argv):
       sys.exit(1)
   else:
     train.train_and_evaluate(config, workdir)
-
-
-def split_cpu(n: int) -> None:
-  """Makes the host CPU n XLA devices (data parallel over its cores) unless XLA_FLAGS already sets
-  a count. Must run before JAX starts its backends; it changes only the CPU platform, so on a GPU
-  or TPU host it does nothing to training."""
-  xla_flags = os.environ.get("XLA_FLAGS", "")
-  if n > 0 and "xla_force_host_platform_device_count" not in xla_flags:
-    os.environ["XLA_FLAGS"] = f"{xla_flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 if __name__ == "__main__":
