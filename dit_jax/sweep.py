@@ -5,7 +5,8 @@ finishes, one row per evaluation goes to `<workdir>/results.jsonl`:
 run, model, patch, params, gflops, xla_gflops, step, train_compute_gflops (Gflops x batch x steps x 3,
 the paper's measure), fid and fid_metric (named after its feature network), images_per_s, wall_s.
 Re-running skips members whose final row is there, resumes an interrupted member from its checkpoint,
-and records a member that fails as failed before going on to the next.
+and records a member that fails as failed before going on to the next. SIGTERM (preemption) saves the
+running member's checkpoint and ends the sweep without starting another member.
 """
 from __future__ import annotations
 
@@ -126,13 +127,20 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
     cfg = member_config(config, name)
     t0 = time.perf_counter()
     try:
-      train.train_and_evaluate(cfg, run_dir)
+      state = train.train_and_evaluate(cfg, run_dir)
     except Exception as e:  # pylint: disable=broad-except
       logging.error("sweep: %s failed: %s", name, traceback.format_exc())
       append(results, [dict(run=name, model=name, status="failed", error=f"{type(e).__name__}: {e}",
                             wall_s=time.perf_counter() - t0)])
       failed.append(name)
       continue
+    if state is not None and int(jax.device_get(state.step)) < cfg.num_train_steps:
+      # SIGTERM (preemption): the member saved a checkpoint and returned early. Stop here rather
+      # than start the next member; re-running the command resumes this one.
+      logging.warning("sweep: %s stopped at step %d of %d (SIGTERM); its checkpoint is saved, "
+                      "re-run the sweep to resume", name, int(jax.device_get(state.step)),
+                      cfg.num_train_steps)
+      break
     rows = evaluation_rows(name, run_dir, infos[name], cfg.batch_size)
     if not rows:
       append(results, [dict(run=name, model=name, status="failed",

@@ -107,3 +107,59 @@ def test_member_selection_and_config_errors(tmp_path):
   assert not (tmp_path / "w").exists()
   with pytest.raises(ValueError, match="unknown sweep preset"):
     dit_sweep.get_config("imagenet")
+
+
+def test_sigterm_stops_the_sweep_without_marking_the_member_finished(tmp_path, monkeypatch):
+  """A member that returns before its last step (SIGTERM saved it) gets no rows; nothing else runs."""
+  import types  # pylint: disable=g-import-not-at-top
+  config = tiny_sweep(tmp_path)
+  trained = []
+
+  def preempted_train(cfg, workdir):
+    trained.append(cfg.model)
+    pathlib.Path(workdir).mkdir(parents=True)
+    (pathlib.Path(workdir) / "metrics.jsonl").write_text(
+        json.dumps({"step": 2, "fid_digits_cnn": 20.0, "wall_s": 1.0}) + "\n")
+    return types.SimpleNamespace(step=2)  # of num_train_steps=4
+  monkeypatch.setattr(train, "train_and_evaluate", preempted_train)
+  assert sweep.run(config, tmp_path / "w") == []
+  assert trained == ["DiT-Pico/8"]
+  assert sweep.finished(tmp_path / "w" / "results.jsonl") == set()
+
+
+@pytest.mark.slow
+def test_slurm_array_script_runs_its_member(tmp_path):
+  """tools/slurm_sweep.sbatch end to end with a stand-in `srun`: array task 1 trains member 1."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  n = len(sweep.member_names(dit_sweep.get_config("paper").sweep))
+  script = ROOT / "tools" / "slurm_sweep.sbatch"
+  assert f"#SBATCH --array=0-{n - 1}\n" in script.read_text()  # one task per paper member
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text('#!/bin/sh\nexec "$@"\n')
+  (bin_dir / "srun").chmod(0o755)
+  (bin_dir / "python").symlink_to(sys.executable)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="1",
+             CONFIG="configs/dit_sweep.py", WORKDIR=str(tmp_path / "w"), LATENTS="unused-by-digits")
+  overrides = dict(image_size=8, max_examples=256)
+  args = [f"--config.data.{k}={v}" for k, v in overrides.items()] + [
+      "--config.sweep.sizes=('Pico',)", "--config.sweep.patches=(8,4)",
+      "--config.sweep.extra_models=()", "--config.batch_size=16", "--config.num_train_steps=2",
+      "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
+      "--config.eval_every_steps=2", "--config.eval.num_grid_samples=4",
+      "--config.eval.respacing=4", "--config.eval.fid_num_samples=32",
+      "--config.eval.fid_batch_size=16", "--config.eval.fid_reference_size=256",
+      f"--config.eval.fid_cache_dir={tmp_path / 'cache'}"]
+  subprocess.run(["bash", str(script)] + args, cwd=ROOT, env=env, check=True, timeout=600,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  got = rows(tmp_path / "w" / "results.jsonl")
+  assert [r["run"] for r in got] == ["DiT-Pico/4"] and got[0]["step"] == 2 and got[0]["final"]
+
+
+def test_tpu_pod_launcher_checks_its_arguments():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  script = ROOT / "tools" / "launch_tpu_pod.sh"
+  subprocess.run(["bash", "-n", str(script)], check=True)
+  out = subprocess.run(["bash", str(script), "only-a-name"], capture_output=True, text=True)
+  assert out.returncode == 2 and "TPU_NAME ZONE BUCKET" in out.stdout

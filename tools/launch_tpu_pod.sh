@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a dit_jax job (by default the paper's scaling sweep) on every worker of a Cloud TPU pod slice.
 #
-#   tools/launch_tpu_pod.sh TPU_NAME ZONE BUCKET [more dit_jax.main flags ...]
+#   tools/launch_tpu_pod.sh TPU_NAME ZONE BUCKET [more dit_jax.main flags ...]   # BUCKET: no gs://
 #   tools/launch_tpu_pod.sh my-v4-64 us-central2-b my-bucket --config.sweep.member=DiT-XL/2
 #
 # 1. packs this checkout (git archive HEAD) and copies it to every worker;
@@ -18,14 +18,15 @@
 # Follow a worker: gcloud compute tpus tpu-vm ssh TPU_NAME --zone=ZONE --worker=0 --command="tail -f ~/dit_jax.log"
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
-  sed -n '2,20p' "$0"; exit 2
+  sed -n '2,/^set /{/^#/p}' "$0"; exit 2
 fi
 TPU=$1 ZONE=$2 BUCKET=$3
 shift 3
 CONFIG=${CONFIG:-configs/dit_sweep.py:paper}
 WORKDIR=${WORKDIR:-/gcs/dit_sweep_paper}
 LATENTS=${LATENTS:-/gcs/imagenet256_latents}
-EXTRA=$(printf ' %q' "$@")
+EXTRA=""
+[[ $# -eq 0 ]] || EXTRA=$(printf ' %q' "$@")  # quoted for the remote shell
 
 cd "$(dirname "$0")/.."
 git archive --format=tar.gz -o /tmp/dit_jax.tar.gz HEAD
@@ -35,6 +36,7 @@ set -e
 rm -rf ~/dit_jax && mkdir -p ~/dit_jax && tar xzf ~/dit_jax.tar.gz -C ~/dit_jax
 [ -x ~/dit_jax_venv/bin/python ] || python3 -m venv ~/dit_jax_venv
 ~/dit_jax_venv/bin/pip install -q -e ~/dit_jax 'jax[tpu]'
+command -v gcsfuse > /dev/null || { echo 'install gcsfuse on the workers: https://cloud.google.com/storage/docs/cloud-storage-fuse/install'; exit 1; }
 sudo mkdir -p /gcs
 mountpoint -q /gcs || sudo gcsfuse --implicit-dirs -o allow_other $BUCKET /gcs
 cd ~/dit_jax

@@ -1,0 +1,125 @@
+"""Where a train step's time goes on XLA:CPU: a profiler trace of the trainer's step, summed by op.
+
+  python tools/profile_step.py --model=DiT-S/2 --batch=8          # latent 32x32x4, as bench_train
+
+Sets XLA's CPU TraceMe flag, jits the real `train.train_step` (as tools/bench_train.py does), traces
+`--steps` steps with `jax.profiler` (a Perfetto JSON trace) and prints one table: each operation's
+source op name (blocks folded together, forward F / backward T), its kernel kind, milliseconds per
+step and, for matrix multiplies, the achieved GFLOP/s (from the optimised HLO's dot shapes).
+"""
+import argparse
+import collections
+import gzip
+import json
+import os
+import pathlib
+import re
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+                           " --xla_dump_hlo_as_text --xla_dump_to=" + tempfile.mkdtemp()).strip()
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tools import bench_train  # noqa: E402
+from dit_jax import train  # noqa: E402
+
+
+def hlo_ops(dump_dir: str) -> dict:
+  """{instruction: (op_name metadata, FLOPs of the dots it runs)} from the optimised step's HLO."""
+  path = max(pathlib.Path(dump_dir).glob("*train_step*after_optimizations.txt"),
+             key=lambda p: p.stat().st_size)
+  lines = path.read_text().splitlines()
+  shapes = {}  # instruction names are unique in the module
+  for line in lines:
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = f32\[([\d,]*)\]", line)
+    if m:
+      shapes[m.group(1)] = [int(v) for v in m.group(2).split(",") if v]
+  dot_flops, comp_flops, comp, comp_op = {}, collections.Counter(), None, {}
+  for line in lines:
+    head = re.match(r"^(?:ENTRY )?%(\S+) \(.*\{$", line)
+    if head:
+      comp = head.group(1)
+    root = re.match(r"\s*ROOT .*op_name=\"([^\"]+)\"", line)
+    if root:
+      comp_op[comp] = root.group(1)
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = f32\[([\d,]*)\]\S* dot\(%(\S+), %\S+\),.*?"
+                 r"lhs_contracting_dims=\{([\d,]*)\}", line)
+    if m:
+      lhs = shapes.get(m.group(3), [])
+      k = int(np.prod([lhs[int(i)] for i in m.group(4).split(",") if i])) if lhs else 0
+      f = 2 * k * int(np.prod([int(v) for v in m.group(2).split(",") if v]))
+      dot_flops[m.group(1)] = f
+      comp_flops[comp] += f
+  ops = {}
+  for line in lines:
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = (.*)$", line)
+    if not m:
+      continue
+    meta = re.search(r'op_name="([^"]+)"', m.group(2))
+    call = re.search(r"calls=%([\w.\-]+)", m.group(2))
+    f = comp_flops.get(call.group(1), 0) if call else dot_flops.get(m.group(1), 0)
+    op_name = meta.group(1) if meta else comp_op.get(call.group(1), "") if call else ""
+    ops[m.group(1)] = (op_name, f)
+  return ops
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--model", default="DiT-S/2")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--input_size", type=int, default=32)
+  p.add_argument("--in_channels", type=int, default=4)
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--top", type=int, default=25)
+  args = p.parse_args()
+  bench_args = argparse.Namespace(input_size=args.input_size, in_channels=args.in_channels,
+                                  scan=False, remat=False, attention="", dtype="float32",
+                                  mesh="-1,1,1", batch=args.batch)
+  model, tx, mesh, step = bench_train.build(args.model, bench_args)
+  state, _ = train.create_train_state(model, tx, mesh, seed=0)
+  rng = np.random.default_rng(0)
+  shape = (args.batch, args.input_size, args.input_size, args.in_channels)
+  batch = dict(image=jnp.asarray(rng.standard_normal(shape), jnp.float32),
+               label=jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32))
+  for _ in range(2):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  trace_dir = tempfile.mkdtemp()
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(args.steps):
+      state, m = step(state, batch)
+      jax.block_until_ready(m)
+  events = json.load(gzip.open(next(pathlib.Path(trace_dir).rglob("*.json.gz"))))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  ops = hlo_ops(os.environ["XLA_FLAGS"].rsplit("--xla_dump_to=", 1)[1].split()[0])
+  time_us, flop = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in ops:
+      op_name, f = ops[e["name"]]
+      op_name = re.sub(r"blocks_\d+", "blocks_*", re.sub(r"^jit\([^)]*\)/", "", op_name))
+      op_name = op_name.replace("transpose(jvp(", "T(").replace("jvp(", "F(")
+      key = (re.sub(r"\.\d+$", "", e["name"]), op_name)
+      time_us[key] += e["dur"] / args.steps
+      flop[key] += f / args.steps
+  total = sum(time_us.values())
+  print(f"{args.model}, batch {args.batch}: {total / 1e3:.0f} ms of kernels per step "
+        f"({jax.devices()[0].device_kind}, jax {jax.__version__})")
+  print("| ms/step | % | kernel | op (F forward, T backward) | GFLOP/s |")
+  print("|---:|---:|---|---|---:|")
+  for (kind, op_name), us in time_us.most_common(args.top):
+    rate = f"{flop[(kind, op_name)] / us / 1e3:.0f}" if flop[(kind, op_name)] else ""
+    print(f"| {us / 1e3:.1f} | {100 * us / total:.1f} | {kind} | {op_name[:90]} | {rate} |")
+  dots = [(flop[k], us) for k, us in time_us.items() if flop[k]]
+  if dots:
+    f, us = map(sum, zip(*dots))
+    print(f"\nmatrix multiplies: {us / 1e3:.0f} ms/step ({100 * us / total:.0f} %), "
+          f"{f / us / 1e3:.0f} GFLOP/s on average")
+
+
+if __name__ == "__main__":
+  main()
