@@ -137,9 +137,10 @@ def test_slurm_array_script_runs_its_member(tmp_path):
   assert f"#SBATCH --array=0-{n - 1}\n" in script.read_text()  # one task per paper member
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  (bin_dir / "srun").write_text('#!/bin/sh\nexec "$@"\n')
-  (bin_dir / "srun").chmod(0o755)
-  (bin_dir / "python").symlink_to(sys.executable)
+  # `python` must be this interpreter (a wrapper: a symlink would lose the virtualenv).
+  for name, body in (("srun", 'exec "$@"'), ("python", f'exec "{sys.executable}" "$@"')):
+    (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+    (bin_dir / name).chmod(0o755)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="1",
              CONFIG="configs/dit_sweep.py", WORKDIR=str(tmp_path / "w"), LATENTS="unused-by-digits")
   overrides = dict(image_size=8, max_examples=256)
@@ -151,8 +152,9 @@ def test_slurm_array_script_runs_its_member(tmp_path):
       "--config.eval.respacing=4", "--config.eval.fid_num_samples=32",
       "--config.eval.fid_batch_size=16", "--config.eval.fid_reference_size=256",
       f"--config.eval.fid_cache_dir={tmp_path / 'cache'}"]
-  subprocess.run(["bash", str(script)] + args, cwd=ROOT, env=env, check=True, timeout=600,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  out = subprocess.run(["bash", str(script)] + args, cwd=ROOT, env=env, timeout=600,
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
   got = rows(tmp_path / "w" / "results.jsonl")
   assert [r["run"] for r in got] == ["DiT-Pico/4"] and got[0]["step"] == 2 and got[0]["final"]
 
