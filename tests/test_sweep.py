@@ -15,25 +15,18 @@ sys.path.insert(0, str(ROOT / "tools"))
 import plot_scaling  # noqa: E402
 
 
+# Two DiT-Pico members (patch 8 and 4) on 8x8 digits, 4 steps, FID-32 at steps 2 and 4.
+TINY = {"sweep.sizes": ("Pico",), "sweep.patches": (8, 4), "sweep.extra_models": (),
+        "data.image_size": 8, "data.max_examples": 256, "batch_size": 16, "num_train_steps": 4,
+        "log_every_steps": 2, "checkpoint_every_steps": 2, "eval_every_steps": 2,
+        "eval.num_grid_samples": 4, "eval.respacing": "4", "eval.fid_num_samples": 32,
+        "eval.fid_batch_size": 16, "eval.fid_reference_size": 256}
+
+
 def tiny_sweep(tmp_path):
-  """Two DiT-Pico members (patch 8 and 4) on 8x8 digits, 4 steps, FID-32 at steps 2 and 4."""
+  """The default sweep config with TINY's fields and a per-test FID cache."""
   config = dit_sweep.get_config("")
-  config.sweep.sizes = ("Pico",)
-  config.sweep.patches = (8, 4)
-  config.sweep.extra_models = ()
-  config.data.image_size = 8
-  config.data.max_examples = 256
-  config.batch_size = 16
-  config.num_train_steps = 4
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 2
-  config.eval_every_steps = 2
-  config.eval.num_grid_samples = 4
-  config.eval.respacing = "4"
-  config.eval.fid_num_samples = 32
-  config.eval.fid_batch_size = 16
-  config.eval.fid_reference_size = 256
-  config.eval.fid_cache_dir = str(tmp_path / "cache")
+  config.update_from_flattened_dict(dict(TINY, **{"eval.fid_cache_dir": str(tmp_path / "cache")}))
   return config
 
 
@@ -143,15 +136,10 @@ def test_slurm_array_script_runs_its_member(tmp_path):
     (bin_dir / name).chmod(0o755)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_ARRAY_TASK_ID="1",
              CONFIG="configs/dit_sweep.py", WORKDIR=str(tmp_path / "w"), LATENTS="unused-by-digits")
-  overrides = dict(image_size=8, max_examples=256)
-  args = [f"--config.data.{k}={v}" for k, v in overrides.items()] + [
-      "--config.sweep.sizes=('Pico',)", "--config.sweep.patches=(8,4)",
-      "--config.sweep.extra_models=()", "--config.batch_size=16", "--config.num_train_steps=2",
-      "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
-      "--config.eval_every_steps=2", "--config.eval.num_grid_samples=4",
-      "--config.eval.respacing=4", "--config.eval.fid_num_samples=32",
-      "--config.eval.fid_batch_size=16", "--config.eval.fid_reference_size=256",
-      f"--config.eval.fid_cache_dir={tmp_path / 'cache'}"]
+  # TINY as command-line overrides, trained for 2 steps only.
+  fields = dict(TINY, num_train_steps=2, log_every_steps=1,
+                **{"eval.fid_cache_dir": str(tmp_path / "cache")})
+  args = [f"--config.{k}={v if isinstance(v, str) else repr(v)}" for k, v in fields.items()]
   out = subprocess.run(["bash", str(script)] + args, cwd=ROOT, env=env, timeout=600,
                        capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
