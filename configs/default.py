@@ -72,19 +72,27 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3  # Keep the newest N checkpoints.
   config.async_checkpoints = True  # Write checkpoints in the background.
   config.record_batch_hashes = False  # Append each batch's sha256 to batch_hashes.<proc>.jsonl.
-  config.eval_every_steps = 50_000  # Sample a grid with the EMA params every N steps (0 = never).
   config.eval = ml_collections.ConfigDict()
-  config.eval.num_grid_samples = 16  # Images in the PNG grid (labels 0, 1, 2, ...).
-  config.eval.respacing = "250"  # Sampling steps of the grid's DDPM sampler (paper: 250).
-  config.eval.cfg_scale = 4.0  # Classifier-free guidance scale of the grid (1 = none).
-  config.eval.vae_path = ""  # diffusers SD-VAE folder to decode latent grids ('' = no grid).
-  config.eval.fid_num_samples = 0  # FID/IS/P-R (evaluator.py) on this many EMA samples (0 = off).
-  config.eval.fid_batch_size = 64  # Sampling/feature batch of the FID evaluation (global).
-  config.eval.fid_cfg_scale = 1.5  # Guidance for FID samples (the paper's FID setting).
-  config.eval.feature_network = "auto"  # inception | cnn (per-dataset net) | auto (by resolution).
-  config.eval.fid_reference = ""  # Reference statistics .npz ('' = computed from the training data).
-  config.eval.fid_reference_size = 10_000  # Training images in a computed reference (0 = all).
-  config.eval.fid_cache_dir = ""  # Feature nets and references cache ('' = ~/.cache/dit_jax).
+  config.eval.vae_path = ""  # diffusers SD-VAE folder that decodes latent samples ('' = no decoding).
+  # The sample grid (evaluators.SampleGrid): a PNG of EMA samples, labels 0, 1, 2, ...
+  config.eval.grid = ml_collections.ConfigDict()
+  config.eval.grid.every_steps = 50_000  # Every N steps and at the end (0 = never).
+  config.eval.grid.num_samples = 16  # Images in the grid.
+  config.eval.grid.respacing = "250"  # DDPM sampling steps (paper: 250).
+  config.eval.grid.cfg_scale = 4.0  # Classifier-free guidance (1 = none; the paper's figures: 4).
+  config.eval.grid.guide_channels = 0  # Guide only the first N eps channels (0 = all; official: 3).
+  # Sample quality (evaluators.SampleQuality): FID/sFID/IS/precision/recall of EMA samples.
+  config.eval.fid = ml_collections.ConfigDict()
+  config.eval.fid.every_steps = 50_000  # Every N steps and at the end (0 = never).
+  config.eval.fid.num_samples = 0  # Samples scored (0 = off; the paper: 50_000).
+  config.eval.fid.batch_size = 64  # Sampling/feature batch (global).
+  config.eval.fid.respacing = "250"  # DDPM sampling steps (paper: 250).
+  config.eval.fid.cfg_scale = 1.5  # Guidance (1 = none: Table 4 and Fig. 8; 1.5: the paper's best).
+  config.eval.fid.guide_channels = 0  # Guide only the first N eps channels (0 = all; official: 3).
+  config.eval.fid.feature_network = "auto"  # inception | cnn (per-dataset net) | auto (by size).
+  config.eval.fid.reference = ""  # Reference statistics .npz ('' = computed from the training data).
+  config.eval.fid.reference_size = 10_000  # Training images in a computed reference (0 = all).
+  config.eval.fid.cache_dir = ""  # Feature nets and references cache ('' = ~/.cache/dit_jax).
 
   if arg == "cpu":
     config.model = "DiT-Mi/4"
@@ -100,9 +108,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.ema_decay = 0.99
     config.log_every_steps = 25
     config.checkpoint_every_steps = 100
-    config.eval_every_steps = 400
-    config.eval.respacing = "50"
-    config.eval.cfg_scale = 2.0
-    config.eval.fid_num_samples = 512  # scored with a CNN trained once on the digits
-    config.eval.fid_batch_size = 128
+    config.eval.grid.every_steps = 400
+    config.eval.grid.respacing = "50"
+    config.eval.grid.cfg_scale = 2.0
+    config.eval.fid.every_steps = 400
+    config.eval.fid.respacing = "50"
+    config.eval.fid.num_samples = 512  # scored with a CNN trained once on the digits
+    config.eval.fid.batch_size = 128
   return config

@@ -362,3 +362,10 @@ def create(schedule: str = "linear", timesteps: int = 1000,
       sigma_small=bool(sigma_small),
       prediction=prediction,
   )
+
+
+def from_config(config, respacing: str = "") -> Diffusion:
+  """The training config's process (`config.diffusion`, `config.learn_sigma`), respaced if asked."""
+  return create(schedule=config.diffusion.schedule, timesteps=config.diffusion.timesteps,
+                respacing=respacing, learn_sigma=config.learn_sigma,
+                prediction=config.diffusion.prediction)

@@ -4,7 +4,6 @@ Layout and initialisation follow facebookresearch/DiT `models.py`; tensors are N
 logical axis names ("embed", "mlp", "heads", "kv", "patch", "vocab", "layers") for sharding rules.
 """
 import dataclasses
-import re
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -38,18 +37,6 @@ SIZES = {
     "L": Size(24, 1024, 16),
     "XL": Size(28, 1152, 16),
 }
-PAPER_MODELS = tuple(f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (8, 4, 2))
-
-
-def parse_name(name: str) -> tuple[str, int]:
-  """'DiT-XL/2' -> ('XL', 2), with a clear error for unknown names."""
-  m = re.fullmatch(r"DiT-(\w+)/(\d+)", name)
-  if not m or m.group(1) not in SIZES:
-    raise ValueError(f"unknown model {name!r}: expected 'DiT-<size>/<patch>' with size in "
-                     f"{list(SIZES)}, e.g. 'DiT-XL/2'")
-  return m.group(1), int(m.group(2))
-
-
 def xavier(names, zero: bool = False, **axes):
   """Xavier-uniform (or zeros) with logical axis names; fans as torch's flattened Linear weight."""
   init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform(**axes)
@@ -283,24 +270,55 @@ class DiT(nn.Module):
     return patchify_lib.unpatchify(out, p, g, g).astype(jnp.float32)
 
 
-def create(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
-           **kwargs) -> DiT:
-  """A named variant, e.g. create('DiT-XL/2') is the paper's model on 32x32x4 latents."""
-  size, patch = parse_name(name)
-  s = SIZES[size]
-  model = DiT(input_size=input_size, in_channels=in_channels, patch_size=patch,
-              hidden_size=s.hidden_size, depth=s.depth, num_heads=s.num_heads,
-              num_classes=num_classes, **kwargs)
-  model.validate()
-  return model
-
-
 def init_params(model: DiT, rng, batch: int = 1):
   """Initialised (boxed, logically partitioned) params for `model`."""
-  x = jnp.zeros((batch, model.input_size, model.input_size, model.in_channels), jnp.float32)
+  args, kwargs = example_inputs(model, batch)
+  return model.init({"params": rng}, *args, **kwargs)["params"]
+
+
+def example_inputs(m: DiT, batch: int = 1, context_length: int = 1):
+  """Zero (x, t, y) and keyword inputs (context) for init or tracing."""
+  x = jnp.zeros((batch, m.input_size, m.input_size, m.in_channels), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
-  y = jnp.zeros((batch,), jnp.int32) if model.num_classes else None
+  y = jnp.zeros((batch,), jnp.int32) if m.num_classes else None
   kwargs = {}
-  if model.context_dim:  # the params do not depend on the context length
-    kwargs = dict(context=jnp.zeros((batch, 1, model.context_dim), jnp.float32))
-  return model.init({"params": rng}, x, t, y, **kwargs)["params"]
+  if m.context_dim:  # the params do not depend on the context length
+    kwargs = dict(context=jnp.zeros((batch, max(context_length, 1), m.context_dim), jnp.float32))
+  return (x, t, y), kwargs
+
+
+# --- forward Gflops in the paper's convention (flops.py) ---------------------------------------
+
+def macs(m: DiT, context_length: int = 0) -> int:
+  """Multiply-accumulates of one forward pass of DiT `m` on one image (with a context sequence of
+  `context_length` tokens when the model reads one)."""
+  m.validate()
+  d, p, c = m.hidden_size, m.patch_size, m.in_channels
+  n = (m.input_size // p) ** 2
+  s = 2 if m.num_classes else 1  # conditioning tokens (t, y)
+  context = context_length if m.context_dim else 0
+  s += context
+  t = n + s if m.conditioning == "in_context" else n
+  mlp = int(d * m.mlp_ratio)
+  macs = n * c * p * p * d                 # patch embedding
+  macs += context * m.context_dim * d      # context projection
+  macs += 256 * d + d * d                  # timestep MLP
+  block = t * d * 3 * d + t * d * d        # fused qkv, output projection
+  block += 2 * t * t * d                   # QK^T and AV
+  block += 2 * t * d * mlp                 # MLP
+  if m.conditioning == "adaln_zero":
+    block += d * 6 * d
+  elif m.conditioning == "adaln":
+    block += d * 4 * d
+  elif m.conditioning == "cross_attn":
+    block += 2 * n * d * d + 2 * s * d * d + 2 * n * s * d  # q, o; k, v; QK^T, AV over s tokens
+  macs += m.depth * block
+  if m.conditioning in ("adaln_zero", "adaln"):
+    macs += d * 2 * d                      # final adaLN
+  macs += n * d * p * p * m.out_channels   # final linear
+  return macs
+
+
+def gflops(m: DiT, context_length: int = 0) -> float:
+  """Analytic forward Gflops (paper convention: 1e9 MACs)."""
+  return macs(m, context_length) / 1e9

@@ -29,11 +29,6 @@ PR_NEIGHBOURS = 3  # ADM's ManifoldEstimator nhood_sizes
 PR_REFERENCE_SIZE = 10_000  # ADM's reference batches hold 10K images for precision/recall
 
 
-def quantize(images: jax.Array) -> jax.Array:
-  """[-1, 1] images -> uint8 as DiT's sample_ddp.py saves them: floor(clip(127.5 x + 128, 0, 255))."""
-  return jnp.floor(jnp.clip(127.5 * images.astype(jnp.float32) + 128.0, 0.0, 255.0)).astype(jnp.uint8)
-
-
 def statistics(features_NxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(mean, covariance) in float64, the covariance unbiased (np.cov) as both references use."""
   features_NxD = np.asarray(features_NxD, np.float64)

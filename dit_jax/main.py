@@ -8,6 +8,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dit_jax import config_check
+from dit_jax import distributed
+from dit_jax import sweep
 from dit_jax import train
 
 FLAGS = flags.FLAGS
@@ -30,9 +33,8 @@ def main(argv):
     raise app.UsageError("--workdir is required (this config has no default workdir)")
   logging.info("config:\n%s", config)
   # Before anything touches a device: the sweep compiles cost analyses before its first member.
-  train.maybe_initialize_distributed(config.distributed)
+  distributed.maybe_initialize(config.distributed)
   if "sweep" in config:
-    from dit_jax import sweep  # pylint: disable=g-import-not-at-top
     failed = sweep.run(config, workdir)
     if failed:
       logging.error("sweep: %d member(s) failed: %s (see %s/results.jsonl)", len(failed), failed,
@@ -43,4 +45,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  try:
+    config_check.check_argv(sys.argv[1:])
+  except ValueError as e:
+    sys.exit(f"dit_jax.main: {e}")
   app.run(main)

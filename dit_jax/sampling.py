@@ -14,11 +14,13 @@ examples and between devices, and the result does not depend on how the batch is
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from dit_jax import sharding as sharding_lib
 from dit_jax.diffusion import Diffusion, extract
 
 
@@ -133,3 +135,27 @@ def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: i
     return jnp.concatenate([mixed.astype(cond.dtype), cond[..., n:]], axis=-1)
 
   return guided
+
+
+def make_sample_fn(model, diffusion: Diffusion, *, sampler: str = "ddpm", cfg_scale: float = 1.0,
+                   guide_channels: Optional[int] = None, eta: float = 0.0, mesh=None) -> Callable:
+  """jitted (params, labels_B, rng, x_shape) -> samples of a DiT or U-Net; cfg_scale != 1 guides.
+
+  With `mesh` the samples come back replicated, so every process can read them (multi-host).
+  """
+  if sampler not in ("ddpm", "ddim"):
+    raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
+  out = sharding_lib.replicated(mesh) if mesh is not None else None
+
+  @functools.partial(jax.jit, static_argnums=(3,), out_shardings=out)
+  def sample(params, y_B, rng, shape):
+    if model.num_classes and cfg_scale != 1.0:
+      fn = cfg_model_fn(lambda x, t, y: model.apply({"params": params}, x, t, y), y_B,
+                        model.num_classes, cfg_scale, guide_channels)
+    else:
+      fn = lambda x, t: model.apply({"params": params}, x, t, y_B if model.num_classes else None)
+    if sampler == "ddpm":
+      return ddpm_sample(fn, diffusion, shape, rng)
+    return ddim_sample(fn, diffusion, shape, rng, eta=eta)
+
+  return sample

@@ -10,7 +10,6 @@ running member's checkpoint and ends the sweep without starting another member.
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 import traceback
@@ -19,15 +18,16 @@ import jax
 import ml_collections
 from absl import logging
 
+from dit_jax import config_check
 from dit_jax import data as data_lib
-from dit_jax import flops as flops_lib
+from dit_jax import files
+from dit_jax import models
 from dit_jax import train
 
 
 def member_names(sweep: ml_collections.ConfigDict) -> list[str]:
-  """The grid: DiT-<size>/<patch> for every size and patch, then the extra (e.g. U-Net) models."""
-  names = [f"DiT-{s}/{p}" for s in sweep.sizes for p in sweep.patches]
-  return names + list(sweep.extra_models)
+  """The grid: a DiT for every size and patch, then the extra (e.g. U-Net) models."""
+  return models.names("DiT", sweep.sizes, sweep.patches) + list(sweep.extra_models)
 
 
 def select(names: list[str], member: str) -> list[str]:
@@ -57,27 +57,21 @@ def member_config(config: ml_collections.ConfigDict, name: str) -> ml_collection
 
 
 def describe_model(cfg: ml_collections.ConfigDict, source) -> dict:
-  """params, gflops (paper convention) and xla_gflops of the member's model on the sweep's data."""
-  model = train.create_model(cfg, source.image_shape, source.num_classes)
-  return dict(params=flops_lib.count_params(flops_lib.abstract_params(model)),
-              gflops=flops_lib.model_gflops(model), xla_gflops=flops_lib.model_xla_gflops(model))
-
-
-def read_jsonl(path) -> list[dict]:
-  path = pathlib.Path(path)
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """family, patch, params, gflops (paper convention), xla_gflops of the member on the data; the
+  config checks that need the data run here, for every member before any trains."""
+  model = config_check.check_with_data(cfg, source)
+  return models.describe(model, cfg.model)
 
 
 def finished(results_path) -> set[str]:
   """Members whose final evaluation row is in results.jsonl."""
-  return {r["run"] for r in read_jsonl(results_path) if r.get("final") and r.get("status") == "ok"}
+  return {r["run"] for r in files.read_jsonl(results_path)
+          if r.get("final") and r.get("status") == "ok"}
 
 
 def evaluation_rows(name: str, run_dir: pathlib.Path, info: dict, batch_size: int) -> list[dict]:
   """One row per evaluation the member's metrics.jsonl holds (the loop writes fid_<net> there)."""
-  metrics = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "step" in m]
+  metrics = [m for m in files.read_jsonl(run_dir / "metrics.jsonl") if "step" in m]
   rows, speeds = {}, []
   for m in metrics:
     if "images_per_sec" in m:
@@ -88,7 +82,8 @@ def evaluation_rows(name: str, run_dir: pathlib.Path, info: dict, batch_size: in
     (metric, value), = fids.items()
     step = int(m["step"])
     rows[step] = dict(  # a step evaluated again after a resume keeps its newest row
-        run=name, model=name, patch=info["patch"], params=info["params"], gflops=info["gflops"],
+        run=name, model=name, family=info["family"], patch=info["patch"], params=info["params"],
+        gflops=info["gflops"],
         xla_gflops=info["xla_gflops"], step=step,
         train_compute_gflops=info["gflops"] * batch_size * step * 3, fid=value, fid_metric=metric,
         images_per_s=sum(speeds) / len(speeds) if speeds else float("nan"),
@@ -98,22 +93,35 @@ def evaluation_rows(name: str, run_dir: pathlib.Path, info: dict, batch_size: in
 
 
 def append(path, rows) -> None:
-  if jax.process_index() == 0 and rows:
-    with open(path, "a") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
+  if jax.process_index() == 0:
+    files.append_jsonl(path, rows)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The sweep block, and what a sweep needs of the training config: an evaluation to record."""
+  if not member_names(config.sweep):
+    raise ValueError("the sweep has no members: set sweep.sizes and sweep.patches (or "
+                     "sweep.extra_models)")
+  for p in config.sweep.patches:
+    if int(p) < 1:
+      raise ValueError(f"sweep.patches: {p} is not a patch size")
+  q = config.eval.fid
+  if not (q.every_steps > 0 and q.num_samples > 0):
+    raise ValueError("a sweep records one row per evaluation: set eval.fid.every_steps and "
+                     f"eval.fid.num_samples > 0 (got {q.every_steps}, {q.num_samples})")
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
   """Trains every selected member that is not finished; returns the names of the failed ones."""
   workdir = pathlib.Path(workdir)
+  check_config(config)
   names = select(member_names(config.sweep), config.sweep.member)
   source = data_lib.create_source(config.data)  # checks the data before anything compiles
   infos = {}
   for name in names:  # every member's config errors surface here, before any training
     cfg = member_config(config, name)
-    train.validate_config(cfg)
-    infos[name] = dict(describe_model(cfg, source), patch=patch_of(name))
+    config_check.check(cfg)
+    infos[name] = describe_model(cfg, source)
   workdir.mkdir(parents=True, exist_ok=True)
   results = workdir / "results.jsonl"
   done, failed = finished(results), []
@@ -151,7 +159,3 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
     append(results, rows)
   return failed
 
-
-def patch_of(name: str) -> int:
-  """The patch size of a DiT name; 1 for pixel-space U-Nets (no patching)."""
-  return int(name.rsplit("/", 1)[1]) if name.startswith("DiT-") else 1

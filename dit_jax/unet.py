@@ -11,7 +11,6 @@ context_mask=, rngs={'label_dropout': k})` -> float32 (B, H, W, 2C). With `conte
 attention block also cross-attends to a context sequence (B, L, context_dim), e.g. a caption encoding.
 """
 import dataclasses
-import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -46,14 +45,6 @@ SIZES = {
     "L": Size(384, (1, 2, 3, 4), 2, (2, 4, 8), 32),
     "XL": Size(480, (1, 2, 3, 4), 2, (2, 4, 8), 32),
 }
-
-
-def parse_name(name: str) -> str:
-  """'UNet-B' -> 'B', with a clear error for unknown names."""
-  m = re.fullmatch(r"UNet-(\w+)", name)
-  if not m or m.group(1) not in SIZES:
-    raise ValueError(f"unknown model {name!r}: expected 'UNet-<size>' with size in {list(SIZES)}")
-  return m.group(1)
 
 
 def torch_default(names):
@@ -329,19 +320,6 @@ class UNet(nn.Module):
     return out.astype(jnp.float32)
 
 
-def create(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
-           **kwargs) -> UNet:
-  """A named variant, e.g. create('UNet-B') on 32x32x4 latents; kwargs override UNet fields."""
-  s = SIZES[parse_name(name)]
-  fields = dict(model_channels=s.model_channels, channel_mult=s.channel_mult,
-                num_res_blocks=s.num_res_blocks, attention_resolutions=s.attention_resolutions,
-                num_head_channels=s.num_head_channels, num_groups=s.num_groups)
-  fields.update(kwargs)
-  model = UNet(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **fields)
-  model.validate()
-  return model
-
-
 def example_inputs(m: UNet, batch: int = 1, context_length: int = 0):
   """Zero (x, t, y) and keyword inputs (context, context_mask) for init or tracing."""
   x = jnp.zeros((batch, m.input_size, m.input_size, m.in_channels), jnp.float32)
@@ -369,7 +347,7 @@ def _conv_macs(size_in: int, c_in: int, c_out: int, kernel: int, stride: int = 1
 
 
 def macs(m: UNet, context_length: int = 0) -> int:
-  """Multiply-accumulates of one forward pass on one image, DiT's convention (flops.py):
+  """Multiply-accumulates of one forward pass on one image, DiT's convention (dit.macs):
   convolutions, linears, QK^T and AV, the embedding MLPs; not norms, softmax or elementwise work.
   Padded conv taps (multiplications by zero) are not counted, as XLA's cost analysis does not."""
   m.validate()
@@ -416,17 +394,5 @@ def macs(m: UNet, context_length: int = 0) -> int:
 
 
 def gflops(m: UNet, context_length: int = 0) -> float:
-  """Analytic forward Gflops (1e9 MACs, one image), comparable with `flops.gflops` for DiT."""
+  """Analytic forward Gflops (1e9 MACs, one image), comparable with `dit.gflops`."""
   return macs(m, context_length) / 1e9
-
-
-def xla_gflops(m: UNet, context_length: int = 0) -> float:
-  """Forward Gflops of `m` on one image counted by XLA's cost analysis (FLOPs / 2), params abstract."""
-  from dit_jax import flops  # flops imports dit only; imported here to keep unet free of DiT
-  args, kwargs = example_inputs(m, 1, context_length)
-  spec = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
-  args, kwargs = jax.tree.map(spec, args), jax.tree.map(spec, kwargs)
-  params = jax.eval_shape(lambda: init_params(m, jax.random.key(0), 1, max(context_length, 1)))
-  fwd = jax.jit(lambda p, a, k: m.apply({"params": p}, *a, **k))
-  return flops.cost_flops(fwd.lower(nn.unbox(params), args, kwargs).compile()) / 2 / 1e9
-

@@ -7,6 +7,7 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 # Importing triton (pulled in by torch/diffusers) after TensorFlow segfaults the process, and the
 # tests use both (TF via tfds and clu, torch as the numerical reference): load torch's side first.
@@ -35,3 +36,6 @@ def shared_data() -> pathlib.Path:
       pytest.fail(msg + " -- CI must provide the shared data")
     pytest.skip(msg)
   return pathlib.Path(path)
+
+# `from tests.helpers import ...` and `from configs import ...` from any test module.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))

@@ -1,7 +1,5 @@
 """Checkpoints: restore onto another mesh, keep-N, interrupted saves, SIGKILL/resume, SIGTERM."""
-import hashlib
 import json
-import os
 import pathlib
 import random
 import signal
@@ -16,50 +14,10 @@ import pytest
 
 from dit_jax import checkpoint as checkpoint_lib
 from dit_jax import sharding
-from dit_jax import train
+from dit_jax import train_step
 
-REPO = pathlib.Path(__file__).parent.parent
-sys.path.insert(0, str(REPO))
-from tests.test_sharding import tiny_model, tiny_optim  # noqa: E402
-# The tiny run of tests/test_train.py, through the real entry point.
-TINY_FLAGS = ["--config=configs/default.py:cpu", "--config.model=DiT-S/2", "--config.depth=2",
-              "--config.hidden_size=64", "--config.num_heads=2", "--config.data.image_size=8",
-              "--config.data.max_examples=256", "--config.batch_size=16",
-              "--config.log_every_steps=1", "--config.eval_every_steps=0",
-              "--config.record_batch_hashes=True"]
-
-
-def subprocess_env(devices=2):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return env
-
-
-def main_cmd(workdir, *flags):
-  return [sys.executable, "-m", "dit_jax.main", f"--workdir={workdir}", *TINY_FLAGS, *flags]
-
-
-def tree_hash(tree) -> str:
-  h = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(tree)):
-    h.update(np.ascontiguousarray(leaf).tobytes())
-  return h.hexdigest()
-
-
-def tiny_abstract_state():
-  """The abstract TrainState of TINY_FLAGS's model (8x8x1 digits, 10 classes) on one device."""
-  from tests.test_train import tiny_config
-  config = tiny_config()
-  model = train.create_model(config, (8, 8, 1), 10)
-  abstract, _ = train.state_shardings(model, train.create_optimizer(config.optim),
-                                      sharding.create_mesh((-1, 1, 1)))
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
-
-
-def restore_final(workdir, step):
-  ckpt = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", read_only=True)
-  return ckpt.restore(step, tiny_abstract_state())
+from tests.helpers import (main_cmd, restore_final, subprocess_env, tiny_model, tiny_optim,
+                           tree_hash)
 
 
 def wait_for_step(workdir, step, proc, timeout=300, need_checkpoint=False):
@@ -79,14 +37,14 @@ def wait_for_step(workdir, step, proc, timeout=300, need_checkpoint=False):
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
-  model, tx = tiny_model(), train.create_optimizer(tiny_optim())
+  model, tx = tiny_model(), train_step.create_optimizer(tiny_optim())
   mesh8 = sharding.create_mesh((8, 1, 1))
-  state, _ = train.create_train_state(model, tx, mesh8, seed=4)
+  state, _ = train_step.create_train_state(model, tx, mesh8, seed=4)
   ckpt = checkpoint_lib.Checkpointer(tmp_path, max_to_keep=2)
   ckpt.save(7, state, {"next_step": 7})
   ckpt.wait()
   mesh222 = sharding.create_mesh((2, 2, 2))
-  abstract, shardings = train.state_shardings(model, tx, mesh222)
+  abstract, shardings = train_step.state_shardings(model, tx, mesh222)
   restored, data_state = ckpt.restore(None, checkpoint_lib.abstract_with_shardings(
       abstract, shardings))
   ckpt.close()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax import convert, dit, embeddings, flops, patchify
+from dit_jax import convert, dit, embeddings, flops, models, patchify
 
 # Table 4: params (M) and Gflops for patch 8 / 4 / 2 (shared/REFERENCE.md).
 TABLE4 = {
@@ -31,27 +31,27 @@ def abstract_params(model):
 
 @pytest.mark.parametrize("name,params_m,gflops", list(paper_rows()))
 def test_table4_params_and_gflops(name, params_m, gflops):
-  model = dit.create(name)
+  model = models.build(name)
   n = flops.count_params(abstract_params(model))
   assert abs(n / 1e6 - params_m) / params_m <= 0.01, n
   # Compared at the paper's precision (two decimals): DiT-S/8's 0.358 is printed as 0.36.
-  assert abs(round(flops.gflops(model), 2) - gflops) / gflops <= 0.005
-  assert abs(flops.xla_gflops(model, flops.dit_inputs(model)) - gflops) / gflops <= 0.015
+  assert abs(round(models.gflops(model), 2) - gflops) / gflops <= 0.005
+  assert abs(models.xla_gflops(model) - gflops) / gflops <= 0.015
 
 
 def test_exact_parameter_counts():
   # REFERENCE.md: XL/2 has 674,834,720 trainable params; S/2 32,963,360 with the frozen pos-embed.
-  assert flops.count_params(abstract_params(dit.create("DiT-XL/2"))) == 674_834_720
-  assert flops.count_params(abstract_params(dit.create("DiT-S/2"))) + 256 * 384 == 32_963_360
+  assert flops.count_params(abstract_params(models.build("DiT-XL/2"))) == 674_834_720
+  assert flops.count_params(abstract_params(models.build("DiT-S/2"))) + 256 * 384 == 32_963_360
 
 
 @pytest.mark.parametrize("cond", dit.CONDITIONINGS)
 def test_fig5_conditioning_variants(cond):
-  model = dit.create("DiT-XL/2", conditioning=cond)
+  model = models.build("DiT-XL/2", conditioning=cond)
   gfl, params_m = FIG5[cond]
   assert abs(flops.count_params(abstract_params(model)) / 1e6 - params_m) / params_m <= 0.01
-  assert abs(flops.gflops(model) - gfl) / gfl <= 0.01
-  assert abs(flops.xla_gflops(model, flops.dit_inputs(model)) - gfl) / gfl <= 0.015
+  assert abs(models.gflops(model) - gfl) / gfl <= 0.01
+  assert abs(models.xla_gflops(model) - gfl) / gfl <= 0.015
 
 
 def test_patchify_roundtrip_and_order():
@@ -61,15 +61,15 @@ def test_patchify_roundtrip_and_order():
   np.testing.assert_array_equal(t[0, 1].reshape(4, 4, 3), x[0, :4, 4:])  # row-major patches
   np.testing.assert_array_equal(patchify.unpatchify(t, 4, 2, 2), x)
   with pytest.raises(ValueError, match="does not divide"):
-    dit.create("DiT-S/8", input_size=28)
+    models.build("DiT-S/8", input_size=28)
 
 
 def test_bad_names_and_inputs():
   with pytest.raises(ValueError, match="unknown model"):
-    dit.create("DiT-XXL/2")
+    models.build("DiT-XXL/2")
   with pytest.raises(ValueError, match="unknown conditioning"):
-    dit.create("DiT-S/2", conditioning="film")
-  m = dit.create("DiT-S/8", input_size=16, in_channels=1, num_classes=10)
+    models.build("DiT-S/2", conditioning="film")
+  m = models.build("DiT-S/8", input_size=16, in_channels=1, num_classes=10)
   with pytest.raises(ValueError, match="expects inputs"):
     jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
                                   jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32)))
@@ -88,7 +88,7 @@ def test_embeddings_match_diffusers():
 
 
 def test_initialisation_matches_official_recipe():
-  model = dit.create("DiT-S/4", input_size=16, num_classes=10)
+  model = models.build("DiT-S/4", input_size=16, num_classes=10)
   p = nn.unbox(jax.jit(lambda k: dit.init_params(model, k))(jax.random.key(1)))
   d = 384
   for leaf in (p["blocks_3"]["adaLN_modulation"], p["final_layer"]["adaLN_modulation"],
@@ -206,7 +206,7 @@ def test_converter_rejects_a_mismatched_checkpoint():
 
 
 def test_gflops_with_a_text_context_matches_xla():
-  model = dit.create("DiT-S/4", input_size=16, conditioning="cross_attn", context_dim=48,
+  model = models.build("DiT-S/4", input_size=16, conditioning="cross_attn", context_dim=48,
                      num_classes=10)
   x = jax.ShapeDtypeStruct((1, 16, 16, 4), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -214,6 +214,6 @@ def test_gflops_with_a_text_context_matches_xla():
   params = jax.eval_shape(lambda: dit.init_params(model, jax.random.key(0)))
   fwd = jax.jit(lambda p, x, t, y, c: model.apply({"params": p}, x, t, y, context=c))
   xla = flops.cost_flops(fwd.lower(nn.unbox(params), x, t, t, ctx).compile()) / 2 / 1e9
-  analytic = flops.gflops(model, context_length=12)
-  assert analytic > flops.gflops(model)
+  analytic = models.gflops(model, context_length=12)
+  assert analytic > models.gflops(model)
   assert abs(analytic - xla) / xla <= 0.015, (analytic, xla)

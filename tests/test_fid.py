@@ -8,9 +8,10 @@ import torch
 from pytorch_fid import fid_score
 from sklearn.neighbors import NearestNeighbors
 
-from dit_jax import evaluator
+from dit_jax import evaluators
 from dit_jax import feature_net
 from dit_jax import fid
+from dit_jax import images
 
 
 def _correlated(rng, n, d, shift=0.0):
@@ -85,9 +86,9 @@ def test_quantize_matches_dit_sample_ddp():
   x = np.concatenate([np.linspace(-1.2, 1.2, 5001), np.random.default_rng(3).uniform(-1, 1, 5000)])
   x = x.astype(np.float32)
   want = torch.clamp(127.5 * torch.from_numpy(x) + 128.0, 0, 255).to(torch.uint8).numpy()
-  np.testing.assert_array_equal(np.asarray(fid.quantize(x)), want)
+  np.testing.assert_array_equal(np.asarray(images.quantize(x)), want)
   u8 = np.arange(256, dtype=np.uint8)  # real images scaled to [-1, 1] come back unchanged
-  np.testing.assert_array_equal(np.asarray(fid.quantize(jnp.asarray(u8 / 127.5 - 1.0))), u8)
+  np.testing.assert_array_equal(np.asarray(images.quantize(jnp.asarray(u8 / 127.5 - 1.0))), u8)
 
 
 def _pool_feature_fn(images):
@@ -169,7 +170,7 @@ def test_fid_sanity_on_mnist_and_cifar(mnist_net, shared_data):
   noise = rng.normal(size=half_b.shape).astype(np.float32)
   fids = [fid_halves]
   for sigma in (0.05, 0.1, 0.2, 0.4, 0.8):  # in [-1, 1] units
-    noisy = np.asarray(fid.quantize(half_b / 127.5 - 1.0 + sigma * noise))
+    noisy = np.asarray(images.quantize(half_b / 127.5 - 1.0 + sigma * noise))
     fids.append(_fid(feats_a, pool(noisy)))
   assert all(b > a for a, b in zip(fids, fids[1:])), fids
   print(f"mnist_cnn: FID halves {fid_halves:.3f}, MNIST-CIFAR {fid_cifar:.1f}, noise {fids}")
@@ -194,7 +195,7 @@ def test_evaluator_with_real_images_as_samples(mnist_net):
     seen.append((labels.shape, labels.sharding.spec, int(labels.min()), int(labels.max())))
     return draw(rng, labels)
 
-  ev = evaluator.Evaluator(name, feature_fn, reference, num_samples=1800, batch_size=400,
+  ev = evaluators.FidSuite(name, feature_fn, reference, num_samples=1800, batch_size=400,
                            num_classes=10, mesh=mesh, progress=False)
   out = ev.run(sample_fn, jax.random.key(0))
   assert set(out) == {f"{m}_mnist_cnn" for m in ("fid", "is", "precision", "recall")}
@@ -212,9 +213,9 @@ def test_evaluator_with_real_images_as_samples(mnist_net):
   assert bad["precision_mnist_cnn"] < 0.1
 
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
-    evaluator.Evaluator(name, feature_fn, reference, 100, 100, mesh=mesh)
+    evaluators.FidSuite(name, feature_fn, reference, 100, 100, mesh=mesh)
   with pytest.raises(ValueError, match="reference statistics were made with"):
-    evaluator.Evaluator("digits_cnn", feature_fn, reference, 100, 80, mesh=mesh)
+    evaluators.FidSuite("digits_cnn", feature_fn, reference, 100, 80, mesh=mesh)
 
 
 @pytest.mark.slow

@@ -3,14 +3,11 @@ import json
 import pathlib
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).parent.parent
-sys.path.insert(0, str(REPO))
-from tests.test_checkpoint import main_cmd, restore_final, subprocess_env  # noqa: E402
+from tests.helpers import main_cmd, restore_final, subprocess_env
 
 STEPS = 4
 FLAGS = [f"--config.num_train_steps={STEPS}", f"--config.checkpoint_every_steps={STEPS}",

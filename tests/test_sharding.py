@@ -1,36 +1,13 @@
 """Meshes, logical-axis shardings, and one train step on sharded meshes vs one device."""
 import jax
-import jax.numpy as jnp
 import numpy as np
-import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from dit_jax import diffusion as diffusion_lib
-from dit_jax import dit as dit_lib
 from dit_jax import sharding
-from dit_jax import train
-
-
-def tiny_model(**kw):
-  """Depth-2, width-64 DiT on 8x8x2 images, 10 classes: every matrix divides a 2x2 fsdp x tensor."""
-  args = dict(input_size=8, in_channels=2, patch_size=2, hidden_size=64, depth=2, num_heads=2,
-              num_classes=10)
-  args.update(kw)
-  return dit_lib.DiT(**args)
-
-
-def tiny_optim(**kw):
-  optim = ml_collections.ConfigDict(dict(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                                         warmup_steps=0, grad_clip=0.0))
-  optim.update(kw)
-  return optim
-
-
-def tiny_batch(b=16, seed=0):
-  rng = np.random.default_rng(seed)
-  return {"image": rng.uniform(-1, 1, (b, 8, 8, 2)).astype(np.float32),
-          "label": rng.integers(0, 10, b).astype(np.int32)}
+from dit_jax import train_step
+from tests.helpers import tiny_batch, tiny_model, tiny_optim
 
 
 def test_resolve_mesh_shape():
@@ -54,8 +31,8 @@ def test_check_batch():
 def test_state_shardings_follow_logical_rules():
   """fc1 (embed, mlp) -> (fsdp, tensor); qkv (embed, None, heads, kv) -> (fsdp, None, tensor)."""
   mesh = sharding.create_mesh((2, 2, 2))
-  tx = train.create_optimizer(tiny_optim())
-  _, shardings = train.state_shardings(tiny_model(), tx, mesh)
+  tx = train_step.create_optimizer(tiny_optim())
+  _, shardings = train_step.state_shardings(tiny_model(), tx, mesh)
   blk = shardings.params["blocks_0"]
   assert blk["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
   assert blk["mlp"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
@@ -65,7 +42,7 @@ def test_state_shardings_follow_logical_rules():
   assert mu.spec == P("fsdp", "tensor")
   assert shardings.step.spec == P()
   # Scanned layers keep the leading "layers" axis replicated.
-  _, scanned = train.state_shardings(tiny_model(scan_layers=True), tx, mesh)
+  _, scanned = train_step.state_shardings(tiny_model(scan_layers=True), tx, mesh)
   assert scanned.params["blocks"]["mlp"]["fc1"]["kernel"].spec == P(None, "fsdp", "tensor")
 
 
@@ -73,10 +50,10 @@ def test_noise_and_t_differ_per_example_and_ignore_sharding():
   """Each example gets its own noise and t; a sharded draw equals the one-device draw."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(3))
   shape = (16, 8, 8, 2)
-  noise1, t1 = jax.jit(lambda a, b: train.draw_noise_and_t(a, b, shape, 1000))(k1, k2)
+  noise1, t1 = jax.jit(lambda a, b: train_step.draw_noise_and_t(a, b, shape, 1000))(k1, k2)
   mesh = sharding.create_mesh((8, 1, 1))
-  f = jax.jit(lambda a, b: train.draw_noise_and_t(a, b, shape, 1000),
-              out_shardings=(sharding.batch_sharding(mesh), train.batch_shardings(mesh)["label"]))
+  f = jax.jit(lambda a, b: train_step.draw_noise_and_t(a, b, shape, 1000),
+              out_shardings=(sharding.batch_sharding(mesh), train_step.batch_shardings(mesh)["label"]))
   noise8, t8 = f(k1, k2)
   assert len(noise8.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(noise8), np.asarray(noise1))
@@ -90,10 +67,10 @@ def _one_step(mesh_shape, devices=None, state=None):
   mesh = sharding.create_mesh(mesh_shape, devices)
   model = tiny_model()
   diffusion = diffusion_lib.create()
-  tx = train.create_optimizer(tiny_optim())
-  state, shardings = train.create_train_state(model, tx, mesh, seed=0)
-  step = train.jit_train_step(model, diffusion, tx, mesh, shardings, ema_decay=0.9)
-  batch = jax.device_put(tiny_batch(), train.batch_shardings(mesh))
+  tx = train_step.create_optimizer(tiny_optim())
+  state, shardings = train_step.create_train_state(model, tx, mesh, seed=0)
+  step = train_step.jit_train_step(model, diffusion, tx, mesh, shardings, ema_decay=0.9)
+  batch = jax.device_put(tiny_batch(), train_step.batch_shardings(mesh))
   init_params = jax.device_get(state.params)
   new_state, metrics = step(state, batch)
   return init_params, jax.device_get(new_state), jax.device_get(metrics), new_state

@@ -18,15 +18,16 @@ import plot_scaling  # noqa: E402
 # Two DiT-Pico members (patch 8 and 4) on 8x8 digits, 4 steps, FID-32 at steps 2 and 4.
 TINY = {"sweep.sizes": ("Pico",), "sweep.patches": (8, 4), "sweep.extra_models": (),
         "data.image_size": 8, "data.max_examples": 256, "batch_size": 16, "num_train_steps": 4,
-        "log_every_steps": 2, "checkpoint_every_steps": 2, "eval_every_steps": 2,
-        "eval.num_grid_samples": 4, "eval.respacing": "4", "eval.fid_num_samples": 32,
-        "eval.fid_batch_size": 16, "eval.fid_reference_size": 256}
+        "log_every_steps": 2, "checkpoint_every_steps": 2, "eval.grid.every_steps": 2,
+        "eval.grid.num_samples": 4, "eval.grid.respacing": "4", "eval.fid.every_steps": 2,
+        "eval.fid.respacing": "4", "eval.fid.num_samples": 32, "eval.fid.batch_size": 16,
+        "eval.fid.reference_size": 256}
 
 
 def tiny_sweep(tmp_path):
   """The default sweep config with TINY's fields and a per-test FID cache."""
   config = dit_sweep.get_config("")
-  config.update_from_flattened_dict(dict(TINY, **{"eval.fid_cache_dir": str(tmp_path / "cache")}))
+  config.update_from_flattened_dict(dict(TINY, **{"eval.fid.cache_dir": str(tmp_path / "cache")}))
   return config
 
 
@@ -138,7 +139,7 @@ def test_slurm_array_script_runs_its_member(tmp_path):
              CONFIG="configs/dit_sweep.py", WORKDIR=str(tmp_path / "w"), LATENTS="unused-by-digits")
   # TINY as command-line overrides, trained for 2 steps only.
   fields = dict(TINY, num_train_steps=2, log_every_steps=1,
-                **{"eval.fid_cache_dir": str(tmp_path / "cache")})
+                **{"eval.fid.cache_dir": str(tmp_path / "cache")})
   args = [f"--config.{k}={v if isinstance(v, str) else repr(v)}" for k, v in fields.items()]
   out = subprocess.run(["bash", str(script)] + args, cwd=ROOT, env=env, timeout=600,
                        capture_output=True, text=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dit_jax import diffusion, dit, text, unet
-from test_unet import KEY, mnist_batch, overfit
+from tests.helpers import KEY, mnist_batch, overfit
 
 MNIST_CAPTIONS = text.class_captions(text.MNIST_CLASS_NAMES, text.TEMPLATES["mnist"])
 

@@ -1,7 +1,9 @@
 """The train step (non-finite skipping, remat, bf16) and the loop (logs, grids, config errors)."""
-import json
-import pathlib
+
+import os
+import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -12,48 +14,20 @@ from dit_jax import checkpoint as checkpoint_lib
 from dit_jax import data as data_lib
 from dit_jax import diffusion as diffusion_lib
 from dit_jax import sharding
+from dit_jax import models
 from dit_jax import train
+from dit_jax import train_step
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
-from configs import default as default_config  # noqa: E402
-from tests.test_sharding import tiny_batch, tiny_model, tiny_optim  # noqa: E402
-
-
-def tiny_config(**overrides):
-  """A depth-2, width-64 DiT-S/2 on 8x8 digits, batch 16 over the 8 test devices."""
-  config = default_config.get_config("cpu")
-  config.model = "DiT-S/2"
-  config.depth, config.hidden_size, config.num_heads = 2, 64, 2
-  config.data.image_size = 8
-  config.data.max_examples = 256
-  config.batch_size = 16
-  config.num_train_steps = 6
-  config.log_every_steps = 1
-  config.checkpoint_every_steps = 2
-  config.eval_every_steps = 0
-  config.eval.fid_num_samples = 0
-  config.optim.warmup_steps = 0
-  config.mesh_shape = (-1, 1, 1)
-  for k, v in overrides.items():
-    target = config
-    *parents, leaf = k.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = v
-  return config
-
-
-def _read_jsonl(path):
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+from tests.helpers import REPO, read_jsonl, tiny_batch, tiny_config, tiny_model, tiny_optim
 
 
 @pytest.fixture(scope="module")
 def one_device_step():
   mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
   model = tiny_model()
-  tx = train.create_optimizer(tiny_optim())
-  state, shardings = train.create_train_state(model, tx, mesh, seed=0)
-  step = train.jit_train_step(model, diffusion_lib.create(), tx, mesh, shardings, ema_decay=0.9)
+  tx = train_step.create_optimizer(tiny_optim())
+  state, shardings = train_step.create_train_state(model, tx, mesh, seed=0)
+  step = train_step.jit_train_step(model, diffusion_lib.create(), tx, mesh, shardings, ema_decay=0.9)
   return state, step
 
 
@@ -82,14 +56,14 @@ def test_nan_in_loss_is_skipped_and_training_continues(one_device_step):
 def test_remat_and_bf16_steps(one_device_step):
   """remat recomputes the same gradients; bf16 compute keeps fp32 params and a close loss."""
   mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-  tx = train.create_optimizer(tiny_optim())
+  tx = train_step.create_optimizer(tiny_optim())
   batch = tiny_batch()
   state0, base_step = one_device_step
   out = {"base": jax.device_get(base_step(jax.tree.map(jnp.array, state0), batch))}
   for name, kw in dict(remat=dict(remat=True), bf16=dict(dtype=jnp.bfloat16)).items():
     model = tiny_model(**kw)
-    state, shardings = train.create_train_state(model, tx, mesh, seed=0)
-    step = train.jit_train_step(model, diffusion_lib.create(), tx, mesh, shardings, 0.9)
+    state, shardings = train_step.create_train_state(model, tx, mesh, seed=0)
+    step = train_step.jit_train_step(model, diffusion_lib.create(), tx, mesh, shardings, 0.9)
     out[name] = jax.device_get(step(state, batch))
   (base, mb), (remat, mr), (bf16, m16) = out["base"], out["remat"], out["bf16"]
   np.testing.assert_allclose(mr["loss"], mb["loss"], rtol=1e-6)
@@ -103,21 +77,37 @@ def test_remat_and_bf16_steps(one_device_step):
   assert m16["grad_norm"] != mb["grad_norm"]  # bf16 really ran
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(mesh_shape=(3, 1, 1)), "device count"),
-    (dict(batch_size=12, mesh_shape=(8, 1, 1)), "not divisible by the data-parallel size 8"),
-    (dict(model="DiT-S/3"), "patch"),
-    (dict(model="DiT-Q/2"), "unknown model"),
-    (dict(conditioning="film"), "unknown conditioning"),
-    (dict(**{"data.name": "folder", "data.path": "/nonexistent/images"}), "does not exist"),
-    (dict(**{"data.name": "latents", "data.path": ""}), "needs data.path"),
-])
-def test_bad_configs_fail_before_compiling(overrides, match, tmp_path, monkeypatch):
-  def no_compile(*a, **k):
-    raise AssertionError("compiled despite a bad config")
-  monkeypatch.setattr(train, "jit_train_step", no_compile)
-  with pytest.raises(ValueError, match=match):
-    train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+def test_the_pure_half_runs_without_tensorflow_clu_or_orbax():
+  """train_step (state, optimizer, shardings, step, jit) needs jax, flax and optax only."""
+  code = textwrap.dedent("""
+      import sys
+      BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "orbax")
+      class Block:
+        def find_spec(self, name, path=None, target=None):
+          if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked: " + name)
+      sys.meta_path.insert(0, Block())
+      import jax, numpy as np
+      from dit_jax import diffusion, dit, sampling, sharding, train_step
+      mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+      model = dit.DiT(input_size=8, in_channels=2, patch_size=2, hidden_size=64, depth=2,
+                      num_heads=2, num_classes=10)
+      optim = dict(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0,
+                   grad_clip=0.0)
+      tx = train_step.create_optimizer(type("Optim", (), optim))
+      rng = np.random.default_rng(0)
+      batch = {"image": rng.uniform(-1, 1, (16, 8, 8, 2)).astype(np.float32),
+               "label": rng.integers(0, 10, 16).astype(np.int32)}
+      state, shardings = train_step.create_train_state(model, tx, mesh, seed=0)
+      step = train_step.jit_train_step(model, diffusion.create(), tx, mesh, shardings, 0.9)
+      state, m = step(state, jax.device_put(batch, train_step.batch_shardings(mesh)))
+      assert np.isfinite(float(m["loss"])) and int(state.step) == 1
+      assert not [k for k in sys.modules if k.split(".")[0] in BLOCKED]
+      print("pure ok")
+  """)
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0 and "pure ok" in out.stdout, out.stderr[-3000:]
 
 
 def _inject_nan(monkeypatch, steps):
@@ -135,12 +125,13 @@ def _inject_nan(monkeypatch, steps):
 def test_loop_logs_skips_nan_and_writes_grid(tmp_path, monkeypatch):
   """A full tiny run: NaN at step 2 skipped; metrics.jsonl, TensorBoard, checkpoints, PNG grid."""
   _inject_nan(monkeypatch, {2})
-  config = tiny_config(eval_every_steps=6, peak_tflops_per_device=0.05,
-                       **{"eval.respacing": "5", "eval.num_grid_samples": 4})
+  config = tiny_config(peak_tflops_per_device=0.05,
+                       **{"eval.grid.every_steps": 6, "eval.grid.respacing": "5",
+                          "eval.grid.num_samples": 4})
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 6 and int(state.nonfinite_total) == 1
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
-  rows = _read_jsonl(tmp_path / "metrics.jsonl")
+  rows = read_jsonl(tmp_path / "metrics.jsonl")
   per_step = {r["step"]: r for r in rows if "loss" in r}
   assert sorted(per_step) == [1, 2, 3, 4, 5, 6]
   assert not np.isfinite(per_step[3]["loss"]) and per_step[3]["skipped"] == 1
@@ -166,9 +157,9 @@ def test_nonfinite_streak_stops_and_keeps_last_good_checkpoint(tmp_path, monkeyp
   ckpt = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", read_only=True)
   assert ckpt.all_steps() == [2]  # nothing saved while updates were being skipped
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          train.state_shardings(
-                              train.create_model(config, (8, 8, 1), 10),
-                              train.create_optimizer(config.optim),
+                          train_step.state_shardings(
+                              models.create(config, (8, 8, 1), 10),
+                              train_step.create_optimizer(config.optim),
                               sharding.create_mesh((-1, 1, 1)))[0])
   state, data_state = ckpt.restore(None, abstract)
   assert int(state.step) == 2 and data_state["next_step"] == 2
@@ -177,15 +168,17 @@ def test_nonfinite_streak_stops_and_keeps_last_good_checkpoint(tmp_path, monkeyp
 
 def test_the_trainer_trains_a_unet_through_the_same_loop(tmp_path):
   """One model interface: a 'UNet-*' name goes through the same state, step, loop and sampler."""
-  from dit_jax import flops, unet
-  config = tiny_config(model="UNet-Nano", num_train_steps=2, checkpoint_every_steps=2,
-                       eval_every_steps=2, **{"eval.respacing": "3", "eval.num_grid_samples": 4})
-  model = train.create_model(config, (8, 8, 1), 10)
+  from dit_jax import unet
+  config = tiny_config(model="UNet-Nano", num_train_steps=2, checkpoint_every_steps=2, depth=0,
+                       hidden_size=0, num_heads=0, **{"eval.grid.every_steps": 2,
+                                                      "eval.grid.respacing": "3",
+                                                      "eval.grid.num_samples": 4})
+  model = models.create(config, (8, 8, 1), 10)
   assert isinstance(model, unet.UNet) and model.num_classes == 10
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
-  rows = _read_jsonl(tmp_path / "metrics.jsonl")
+  rows = read_jsonl(tmp_path / "metrics.jsonl")
   gflops = next(r["gflops_per_image"] for r in rows if "gflops_per_image" in r)
-  assert gflops == pytest.approx(flops.model_gflops(model))
+  assert gflops == pytest.approx(models.gflops(model))
   assert (tmp_path / "samples" / "step_00000002.png").exists()

@@ -4,13 +4,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from dit_jax import datasets, diffusion, dit, flops, unet
-
-# XLA's RngBitGenerator keys compile initialisers several times faster than threefry on CPU.
-KEY = jax.random.key(0, impl="rbg")
+from dit_jax import diffusion, flops, models, unet
+from tests.helpers import KEY, mnist_batch, overfit
 
 
 def _abstract(m, **kw):
@@ -186,16 +183,16 @@ def test_matches_diffusers_unet2d(updown):
     (dict(context_dim=128, resblock_updown=False), 16),
 ])
 def test_gflops_analytic_matches_xla(kwargs, context_length):
-  m = unet.create("UNet-S", **kwargs)
-  analytic, xla = unet.gflops(m, context_length), unet.xla_gflops(m, context_length)
+  m = models.build("UNet-S", **kwargs)
+  analytic, xla = models.gflops(m, context_length), models.xla_gflops(m, context_length)
   # XLA also counts norms and elementwise work, so it sits slightly above the MAC count.
   assert 0 <= (xla - analytic) / analytic <= 0.01, (analytic, xla)
 
 
 def test_named_sizes_span_the_dit_range():
-  g = {s: unet.gflops(unet.create(f"UNet-{s}")) for s in ("S", "B", "L", "XL")}
+  g = {s: models.gflops(models.build(f"UNet-{s}")) for s in ("S", "B", "L", "XL")}
   assert g["S"] < g["B"] < g["L"] < g["XL"]
-  dit_s, dit_xl = (flops.gflops(dit.create(n)) for n in ("DiT-S/2", "DiT-XL/2"))
+  dit_s, dit_xl = (models.gflops(models.build(n)) for n in ("DiT-S/2", "DiT-XL/2"))
   assert 0.7 * dit_s <= g["S"] <= dit_s and 0.97 * dit_xl <= g["XL"] <= 1.03 * dit_xl, g
   # Padded taps (zeros) are not counted: a 3x3 'same' conv at 4x4 has (10/12)^2 of 9*4*4 taps.
   assert unet._conv_macs(4, 1, 1, 3) == 100 and unet._conv_macs(4, 1, 1, 3, stride=2) == 25
@@ -203,21 +200,21 @@ def test_named_sizes_span_the_dit_range():
 
 def test_bad_configs_and_inputs():
   with pytest.raises(ValueError, match="unknown model"):
-    unet.create("UNet-XXL")
+    models.build("UNet-XXL")
   with pytest.raises(ValueError, match="divisible by 2"):
-    unet.create("UNet-S", input_size=28)  # 4 levels need a multiple of 8
+    models.build("UNet-S", input_size=28)  # 4 levels need a multiple of 8
   with pytest.raises(ValueError, match="downsample rates"):
     unet.UNet(channel_mult=(1, 2), attention_resolutions=(4,)).validate()
   with pytest.raises(ValueError, match="multiple of num_groups"):
     unet.UNet(model_channels=48).validate()
-  m = unet.create("UNet-Nano", input_size=16, in_channels=1, num_classes=10)
+  m = models.build("UNet-Nano", input_size=16, in_channels=1, num_classes=10)
   t = jnp.zeros(1, jnp.int32)
   with pytest.raises(ValueError, match="expects inputs"):
     jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), t, t))
   with pytest.raises(ValueError, match="context_dim=0"):
     jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), t, t,
                                   context=jnp.zeros((1, 3, 8))))
-  mc = unet.create("UNet-Nano", input_size=16, in_channels=1, num_classes=0, context_dim=8)
+  mc = models.build("UNet-Nano", input_size=16, in_channels=1, num_classes=0, context_dim=8)
   with pytest.raises(ValueError, match="pass context"):
     jax.eval_shape(lambda: mc.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), t))
   with pytest.raises(ValueError, match="context must be"):
@@ -226,7 +223,7 @@ def test_bad_configs_and_inputs():
 
 
 def test_init_output_is_zero_and_label_dropout_uses_the_null_class():
-  m = unet.create("UNet-Nano", input_size=16, in_channels=1, num_classes=10)
+  m = models.build("UNet-Nano", input_size=16, in_channels=1, num_classes=10)
   p = nn.unbox(jax.jit(lambda k: unet.init_params(m, k))(KEY))
   x = jnp.ones((2, 16, 16, 1))
   apply = jax.jit(lambda p, y, drop: m.apply({"params": p}, x, jnp.array([5, 5]), y,
@@ -238,49 +235,6 @@ def test_init_output_is_zero_and_label_dropout_uses_the_null_class():
   f = lambda y, drop=no_drop: apply(p, jnp.asarray(y), drop)
   np.testing.assert_allclose(f([3, 4], jnp.array([1, 1])), f([10, 10]), atol=1e-6)
   assert np.abs(f([3, 3]) - f([10, 10])).max() > 1e-3
-
-
-def overfit(model_apply, params, x0, diff, steps, lr, seed=0):
-  """Trains on one batch with Adam; returns the loss before and after on fixed (t, noise) draws:
-  four copies of the batch at timesteps spread evenly over [0, T)."""
-  opt = optax.adam(lr)
-  state = opt.init(params)
-  n = x0.shape[0]
-
-  def loss(p, x, t_B, noise):
-    return diff.training_losses(lambda x, t: model_apply(p, x, t), x, t_B, noise)["loss"].mean()
-
-  @jax.jit
-  def step(p, s, rng):
-    r1, r2 = jax.random.split(rng)
-    t_B = jax.random.randint(r2, (n,), 0, diff.num_timesteps)
-    g = jax.grad(loss)(p, x0, t_B, jax.random.normal(r1, x0.shape))
-    u, s = opt.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  reps = 4
-  x_eval = jnp.concatenate([x0] * reps)
-  t_eval = jnp.linspace(0, diff.num_timesteps - 1, reps * n).astype(jnp.int32)
-  noise_eval = jax.random.normal(jax.random.key(100), x_eval.shape)
-  # model_apply closes over per-example conditioning of the batch; evaluate copy by copy.
-  eval_loss = jax.jit(lambda p, i: loss(p, x0, jax.lax.dynamic_slice_in_dim(t_eval, i * n, n),
-                                        jax.lax.dynamic_slice_in_dim(noise_eval, i * n, n)))
-  mean_eval = lambda p: float(np.mean([eval_loss(p, i) for i in range(reps)]))
-  before = mean_eval(params)
-  rng = jax.random.key(seed)
-  for i in range(steps):
-    params, state = step(params, state, jax.random.fold_in(rng, i))
-  return before, mean_eval(params)
-
-
-def mnist_batch(shared_data, n=16, size=28):
-  """The first n MNIST test digits in [-1, 1]; size 14 averages 2x2 pixel blocks (CPU-sized)."""
-  images, labels = datasets.read_mnist(shared_data / "mnist")
-  x = images[:n].astype(np.float32) / 127.5 - 1.0
-  if size != 28:
-    k = 28 // size
-    x = x.reshape(n, size, k, size, k, 1).mean(axis=(2, 4))
-  return jnp.asarray(x), labels[:n]
 
 
 @pytest.mark.slow

@@ -42,10 +42,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from dit_jax import diffusion as diffusion_lib  # noqa: E402
-from dit_jax import dit as dit_lib  # noqa: E402
-from dit_jax import flops as flops_lib  # noqa: E402
 from dit_jax import sharding as sharding_lib  # noqa: E402
-from dit_jax import train  # noqa: E402
+from dit_jax import models  # noqa: E402
+from dit_jax import train_step  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -69,7 +68,7 @@ def matmul_tflops(n: int, dtype=jnp.bfloat16, repeats: int = 10) -> float:
 
 def run_one(name, batch, attention, args) -> dict:
   """Compile and time the trainer's train_step for one (model, batch, attention)."""
-  model = dit_lib.create(name, input_size=args.input_size, in_channels=4, num_classes=1000,
+  model = models.build(name, input_size=args.input_size, in_channels=4, num_classes=1000,
                          scan_layers=True, remat=args.remat, attention_impl=attention,
                          dtype=jnp.bfloat16, param_dtype=jnp.float32)
   if args.tiny_shape:  # --tiny: shrink the named model
@@ -77,9 +76,9 @@ def run_one(name, batch, attention, args) -> dict:
   tx = optax.adamw(1e-4, weight_decay=0.0)
   mesh = sharding_lib.create_mesh((-1, 1, 1))
   sharding_lib.check_batch(batch, mesh)
-  state, shardings = train.create_train_state(model, tx, mesh, seed=0)
-  step = train.jit_train_step(model, diffusion_lib.create(), tx, mesh, shardings, ema_decay=0.9999)
-  bs = train.batch_shardings(mesh)
+  state, shardings = train_step.create_train_state(model, tx, mesh, seed=0)
+  step = train_step.jit_train_step(model, diffusion_lib.create(), tx, mesh, shardings, ema_decay=0.9999)
+  bs = train_step.batch_shardings(mesh)
   rng = np.random.default_rng(0)
   data = jax.device_put(dict(
       image=rng.standard_normal((batch, model.input_size, model.input_size, 4)).astype(np.float32),
@@ -95,7 +94,7 @@ def run_one(name, batch, attention, args) -> dict:
     if i >= args.warmup:
       times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
-  gflops = flops_lib.gflops(model)
+  gflops = models.gflops(model)
   out = dict(model=name, batch=batch, attention=attention, compile_s=round(compile_s, 1),
              step_ms=round(1e3 * step_s, 2), images_s=round(batch / step_s, 1),
              tflop_s=round(6 * gflops * batch / step_s / 1e3, 1),

@@ -3,7 +3,7 @@
   python tools/bench_train.py --models=DiT-S/8,DiT-S/4,DiT-S/2 --batch=8 --torch --matmul
   python tools/bench_train.py --models=DiT-XL/2 --scan --compile_only     # compile time only
 
-JAX: the real `train.train_step` (AdamW, EMA, the hybrid MSE+VLB loss, non-finite guard), jitted
+JAX: the real `train_step.train_step` (AdamW, EMA, the hybrid MSE+VLB loss, non-finite guard), jitted
 with the trainer's shardings on a (data, fsdp, tensor) mesh. --torch: the same model in PyTorch
 (diffusers' DiTTransformer2DModel, fp32, `torch.set_num_threads(--threads)`) with an equivalent
 step (noise, q_sample, forward, MSE on eps + the variance channels' loss, backward, AdamW, EMA), and
@@ -28,10 +28,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from dit_jax import diffusion as diffusion_lib  # noqa: E402
-from dit_jax import dit as dit_lib  # noqa: E402
 from dit_jax import flops as flops_lib  # noqa: E402
 from dit_jax import sharding as sharding_lib  # noqa: E402
-from dit_jax import train  # noqa: E402
+from dit_jax import models  # noqa: E402
+from dit_jax import train_step  # noqa: E402
 
 
 def matmul_gflops(n=4096, repeats=5) -> float:
@@ -50,23 +50,23 @@ def _timed(fn) -> float:
 
 
 def build(name, args):
-  model = dit_lib.create(name, input_size=args.input_size, in_channels=args.in_channels,
+  model = models.build(name, input_size=args.input_size, in_channels=args.in_channels,
                          num_classes=1000, scan_layers=args.scan, remat=args.remat,
                          attention_impl=args.attention or None,
-                         dtype=train.dtype_of(args.dtype), param_dtype=jnp.float32)
+                         dtype=models.dtype_of(args.dtype), param_dtype=jnp.float32)
   tx = optax.adamw(1e-4, weight_decay=0.0)
   mesh = sharding_lib.create_mesh(tuple(int(v) for v in args.mesh.split(",")))
   sharding_lib.check_batch(args.batch, mesh)
-  step = train.jit_train_step(model, diffusion_lib.create(), tx, mesh,
-                              train.state_shardings(model, tx, mesh)[1], ema_decay=0.9999)
+  step = train_step.jit_train_step(model, diffusion_lib.create(), tx, mesh,
+                              train_step.state_shardings(model, tx, mesh)[1], ema_decay=0.9999)
   return model, tx, mesh, step
 
 
 def bench_jax(name, args) -> dict:
   """Compile and time the trainer's step for one model."""
   model, tx, mesh, step = build(name, args)
-  abstract, shardings = train.state_shardings(model, tx, mesh)
-  bs = train.batch_shardings(mesh)
+  abstract, shardings = train_step.state_shardings(model, tx, mesh)
+  bs = train_step.batch_shardings(mesh)
   shape = (args.batch, args.input_size, args.input_size, args.in_channels)
   batch_abs = dict(image=jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bs["image"]),
                    label=jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=bs["label"]))
@@ -76,14 +76,14 @@ def bench_jax(name, args) -> dict:
   lowered = step.lower(state_abs, batch_abs)
   compiled = lowered.compile()
   out = dict(model=name, batch=args.batch, compile_s=time.perf_counter() - t0,
-             gflops=flops_lib.gflops(model), params_m=flops_lib.count_params(abstract.params) / 1e6)
+             gflops=models.gflops(model), params_m=flops_lib.count_params(abstract.params) / 1e6)
   mem = compiled.memory_analysis()
   if mem is not None:
     out["mem_gib"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                       + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2 ** 30
   if args.compile_only:
     return out
-  state, _ = train.create_train_state(model, tx, mesh, seed=0)
+  state, _ = train_step.create_train_state(model, tx, mesh, seed=0)
   rng = np.random.default_rng(0)
   batch = jax.device_put(dict(
       image=rng.standard_normal(shape).astype(np.float32),
@@ -111,8 +111,8 @@ def bench_torch(name, args) -> dict:
   from diffusers import DiTTransformer2DModel  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  size, p = dit_lib.parse_name(name)
-  row = dit_lib.SIZES[size]
+  m = models.build(name)
+  p, row = m.patch_size, m
   c = args.in_channels
   model = DiTTransformer2DModel(
       num_attention_heads=row.num_heads, attention_head_dim=row.hidden_size // row.num_heads,

@@ -8,18 +8,15 @@ import argparse
 import json
 import sys
 
-from dit_jax import dit, flops, unet
+from dit_jax import dit, models
 
 
 def row(name: str, input_size: int, channels: int, num_classes: int, conditioning: str) -> dict:
-  """One table row (a DiT, or a U-Net for 'UNet-*'); params counted from the params pytree."""
-  if name.startswith("UNet-"):
-    model = unet.create(name, input_size=input_size, in_channels=channels, num_classes=num_classes)
-  else:
-    model = dit.create(name, input_size=input_size, in_channels=channels, num_classes=num_classes,
-                       conditioning=conditioning)
-  return {"model": name, "params": flops.count_params(flops.abstract_params(model)),
-          "gflops": flops.model_gflops(model), "xla_gflops": flops.model_xla_gflops(model)}
+  """One table row; params counted from the params pytree."""
+  fields = dict(conditioning=conditioning) if models.family_name(name) == "DiT" else {}
+  model = models.build(name, input_size=input_size, in_channels=channels, num_classes=num_classes,
+                       **fields)
+  return {"model": name, **models.describe(model, name)}
 
 
 def markdown(rows) -> str:
@@ -31,9 +28,9 @@ def markdown(rows) -> str:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--models", default=",".join(dit.PAPER_MODELS),
-                  help="comma-separated names like DiT-XL/2 (sizes: %s) or UNet-B (sizes: %s)"
-                  % (", ".join(dit.SIZES), ", ".join(unet.SIZES)))
+  ap.add_argument("--models", default=",".join(models.paper_models()),
+                  help="comma-separated names; " + "; ".join(
+                      f"{f.example} (sizes: {', '.join(f.sizes)})" for f in models.FAMILIES.values()))
   ap.add_argument("--input-size", type=int, default=32, help="latent/image side (32 = 256px latents)")
   ap.add_argument("--channels", type=int, default=4)
   ap.add_argument("--num-classes", type=int, default=1000)

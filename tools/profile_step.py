@@ -2,7 +2,7 @@
 
   python tools/profile_step.py --model=DiT-S/2 --batch=8          # latent 32x32x4, as bench_train
 
-Sets XLA's CPU TraceMe flag, jits the real `train.train_step` (as tools/bench_train.py does), traces
+Sets XLA's CPU TraceMe flag, jits the real `train_step.train_step` (as tools/bench_train.py does), traces
 `--steps` steps with `jax.profiler` (a Perfetto JSON trace) and prints one table: each operation's
 source op name (blocks folded together, forward F / backward T), its kernel kind, milliseconds per
 step and, for matrix multiplies, the achieved GFLOP/s (from the optimised HLO's dot shapes).
@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools import bench_train  # noqa: E402
-from dit_jax import train  # noqa: E402
+from dit_jax import train_step  # noqa: E402
 
 
 def hlo_ops(dump_dir: str) -> dict:
@@ -81,7 +81,7 @@ def main():
                                   scan=False, remat=False, attention="", dtype="float32",
                                   mesh="-1,1,1", batch=args.batch)
   model, tx, mesh, step = bench_train.build(args.model, bench_args)
-  state, _ = train.create_train_state(model, tx, mesh, seed=0)
+  state, _ = train_step.create_train_state(model, tx, mesh, seed=0)
   rng = np.random.default_rng(0)
   shape = (args.batch, args.input_size, args.input_size, args.in_channels)
   batch = dict(image=jnp.asarray(rng.standard_normal(shape), jnp.float32),

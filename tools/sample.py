@@ -18,8 +18,13 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from dit_jax import checkpoint as checkpoint_lib  # noqa: E402
+from dit_jax import diffusion as diffusion_lib  # noqa: E402
+from dit_jax import evaluators  # noqa: E402
+from dit_jax import images  # noqa: E402
+from dit_jax import models  # noqa: E402
+from dit_jax import sampling  # noqa: E402
 from dit_jax import sharding as sharding_lib  # noqa: E402
-from dit_jax import train  # noqa: E402
+from dit_jax import train_step  # noqa: E402
 
 
 def load(workdir, step=None):
@@ -34,9 +39,10 @@ def load(workdir, step=None):
   if step is None:
     raise FileNotFoundError(f"no complete checkpoint in {workdir / 'checkpoints'}")
   data_state = ckpt.restore_data_state(step)
-  model = train.create_model(config, tuple(data_state["image_shape"]), data_state["num_classes"])
+  model = models.create(config, tuple(data_state["image_shape"]), data_state["num_classes"])
   mesh = sharding_lib.create_mesh((-1, 1, 1))
-  abstract, shardings = train.state_shardings(model, train.create_optimizer(config.optim), mesh)
+  abstract, shardings = train_step.state_shardings(model, train_step.create_optimizer(config.optim),
+                                                   mesh)
   state, _ = ckpt.restore(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
   return config, model, state.ema_params, data_state, step
 
@@ -65,8 +71,8 @@ def main():
     labels = np.arange(args.num, dtype=np.int32) % max(data_state["num_classes"], 1)
   if model.num_classes and labels.max() >= model.num_classes:
     raise ValueError(f"labels must be < {model.num_classes}")
-  diffusion = train.create_diffusion(config, args.steps)
-  sample = train.make_sample_fn(model, diffusion, sampler=args.sampler, cfg_scale=args.cfg_scale,
+  diffusion = diffusion_lib.from_config(config, args.steps)
+  sample = sampling.make_sample_fn(model, diffusion, sampler=args.sampler, cfg_scale=args.cfg_scale,
                                 guide_channels=args.guide_channels, eta=args.eta)
   shape = (len(labels),) + tuple(data_state["image_shape"])
   x = np.asarray(sample(params, jnp.asarray(labels), jax.random.PRNGKey(args.seed), shape))
@@ -74,8 +80,8 @@ def main():
     vae_path = args.vae_path or config.eval.vae_path
     if not vae_path:
       raise ValueError("this model was trained on latents: pass --vae_path to decode them")
-    x = train.decode_latents(vae_path, x, data_state["scaling_factor"])
-  train.save_grid(train.to_uint8(x), args.out)
+    x = evaluators.decode_latents(vae_path, x, data_state["scaling_factor"])
+  images.save_grid(np.asarray(images.quantize(x)), args.out)
   print(f"step {step}: {len(labels)} samples ({args.sampler}, {diffusion.num_timesteps} steps, "
         f"cfg {args.cfg_scale}) -> {args.out}")
 

@@ -1,0 +1,107 @@
+"""Every config check, in one fixed order, before any data is read or anything compiles.
+
+Each concept keeps its check next to its factory (`models.check_config`, `train_step.check_config`,
+`evaluators.check_config`, ...); this module only decides the order and runs them:
+
+1. `check(config)`: fields that need neither data nor devices (renamed fields first);
+2. `check_with_data(config, source)`: the model and the evaluators against the data's shape;
+3. `check_devices(config, mesh)`: batch sizes against the mesh, right after the mesh exists.
+
+`train.train_and_evaluate` runs all three before it builds a feature network or compiles; the sweep
+runs 1 and 2 for every member up front.
+"""
+from __future__ import annotations
+
+from dit_jax import diffusion as diffusion_lib
+from dit_jax import distributed
+from dit_jax import evaluators
+from dit_jax import models
+from dit_jax import sharding as sharding_lib
+from dit_jax import train_step
+
+# Fields that were renamed: an old name in a config file or on the command line is an error that
+# names the new one, never silently ignored.
+RENAMED = {
+    "eval_every_steps": "eval.grid.every_steps and eval.fid.every_steps",
+    "eval.num_grid_samples": "eval.grid.num_samples",
+    "eval.respacing": "eval.grid.respacing and eval.fid.respacing",
+    "eval.cfg_scale": "eval.grid.cfg_scale",
+    "eval.fid_num_samples": "eval.fid.num_samples",
+    "eval.fid_batch_size": "eval.fid.batch_size",
+    "eval.fid_cfg_scale": "eval.fid.cfg_scale",
+    "eval.feature_network": "eval.fid.feature_network",
+    "eval.fid_reference": "eval.fid.reference",
+    "eval.fid_reference_size": "eval.fid.reference_size",
+    "eval.fid_cache_dir": "eval.fid.cache_dir",
+}
+
+
+def renamed_message(old: str) -> str:
+  return f"config field {old} was renamed: use {RENAMED[old]}"
+
+
+def check_argv(argv) -> None:
+  """Command-line overrides of renamed fields (`--config.eval.cfg_scale=2`), before flag parsing."""
+  for arg in argv:
+    if arg.startswith("--config."):
+      field = arg[len("--config."):].split("=", 1)[0]
+      if field in RENAMED:
+        raise ValueError(renamed_message(field))
+
+
+def _has(config, dotted: str) -> bool:
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def _check_run(config) -> None:
+  if config.batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {config.batch_size}")
+  if config.num_train_steps < 0:
+    raise ValueError(f"num_train_steps must be >= 0, got {config.num_train_steps}")
+  if config.log_every_steps < 1:
+    raise ValueError(f"log_every_steps must be >= 1, got {config.log_every_steps}")
+  if config.checkpoint_every_steps < 0 or config.keep_checkpoints < 0:
+    raise ValueError(f"checkpoint_every_steps and keep_checkpoints must be >= 0 (0 = never / all), "
+                     f"got {config.checkpoint_every_steps}, {config.keep_checkpoints}")
+  if config.max_nonfinite_streak < 1:
+    raise ValueError(f"max_nonfinite_streak must be >= 1, got {config.max_nonfinite_streak}")
+  if config.seed < 0:
+    raise ValueError(f"seed must be >= 0, got {config.seed}")
+  if len(tuple(config.mesh_shape)) != len(sharding_lib.MESH_AXES):
+    raise ValueError(f"mesh_shape {tuple(config.mesh_shape)} must have {len(sharding_lib.MESH_AXES)}"
+                     f" entries, for axes {sharding_lib.MESH_AXES}")
+
+
+def check(config) -> None:
+  """Config errors that need no data or devices, in a fixed order."""
+  for old in RENAMED:
+    if _has(config, old):
+      raise ValueError(renamed_message(old))
+  _check_run(config)
+  train_step.check_config(config)
+  models.check_config(config)
+  diffusion_lib.from_config(config)  # schedule, timesteps, prediction
+  evaluators.check_config(config)
+  distributed.check_config(config.distributed)
+
+
+def check_with_data(config, source):
+  """The model for this data (returned, validated) and the evaluators that depend on it."""
+  model = models.create(config, source.image_shape, source.num_classes)
+  evaluators.check_with_data(config, source, model)
+  return model
+
+
+def check_devices(config, mesh) -> None:
+  """Batch sizes against the mesh's data-parallel size."""
+  sharding_lib.check_batch(config.batch_size, mesh)
+  q = config.eval.fid
+  n = sharding_lib.data_parallel_size(mesh)
+  if q.every_steps and q.num_samples and q.batch_size % n:
+    raise ValueError(f"eval.fid.batch_size={q.batch_size} is not divisible by the data-parallel "
+                     f"size {n}")

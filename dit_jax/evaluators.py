@@ -1,0 +1,244 @@
+"""Evaluators: what the training loop runs on the EMA params every so many steps.
+
+Each evaluator is built from the config and has one interface, `run(params, step) -> dict` of
+scalars, plus `name` and `every_steps`; the loop calls them without knowing what they compute:
+
+- `SampleGrid` (`eval.grid.*`): a PNG grid of EMA samples (labels 0, 1, 2, ...) in workdir/samples.
+- `SampleQuality` (`eval.fid.*`): FID/sFID/IS/precision/recall of N EMA samples against reference
+  statistics, named after the feature network (`fid_inception`, `fid_digits_cnn`).
+
+Latent samples are decoded with the SD VAE at `eval.vae_path` before anything looks at them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from dit_jax import diffusion as diffusion_lib
+from dit_jax import fid
+from dit_jax import images as images_lib
+from dit_jax import inception
+from dit_jax import sampling
+from dit_jax import sharding as sharding_lib
+from dit_jax import vae as vae_lib
+
+FEATURE_NETWORKS = ("auto", "inception", "cnn")
+
+
+def check_config(config) -> None:
+  """The `eval` fields that need no data or devices."""
+  grid, q = config.eval.grid, config.eval.fid
+  for name, ev in (("grid", grid), ("fid", q)):
+    if ev.every_steps < 0:
+      raise ValueError(f"eval.{name}.every_steps must be >= 0 (0 = off), got {ev.every_steps}")
+    if ev.cfg_scale < 0:
+      raise ValueError(f"eval.{name}.cfg_scale={ev.cfg_scale}: use 1 for no guidance, > 1 to guide")
+    if ev.guide_channels < 0:
+      raise ValueError(f"eval.{name}.guide_channels must be >= 0 (0 = all), got {ev.guide_channels}")
+    try:
+      diffusion_lib.from_config(config, ev.respacing)
+    except ValueError as e:
+      raise ValueError(f"eval.{name}.respacing={ev.respacing!r}: {e}") from None
+  if grid.every_steps and grid.num_samples < 1:
+    raise ValueError(f"eval.grid.num_samples must be >= 1, got {grid.num_samples}")
+  if q.every_steps and q.num_samples:
+    if q.num_samples < 2:
+      raise ValueError(f"eval.fid.num_samples must be >= 2 for a covariance (or 0 = off), got "
+                       f"{q.num_samples}")
+    if q.batch_size < 1:
+      raise ValueError(f"eval.fid.batch_size must be >= 1, got {q.batch_size}")
+    if q.feature_network not in FEATURE_NETWORKS:
+      raise ValueError(f"eval.fid.feature_network={q.feature_network!r}: use one of "
+                       f"{FEATURE_NETWORKS}")
+
+
+def check_with_data(config, source, model) -> None:
+  """The `eval` fields that depend on the data and the model (before any evaluator is built)."""
+  eps_channels = source.image_shape[-1]
+  for name in ("grid", "fid"):
+    g = config.eval[name].guide_channels
+    if g > eps_channels:
+      raise ValueError(f"eval.{name}.guide_channels={g}, but the model predicts {eps_channels} "
+                       f"eps channels (the rest are variance values, never guided)")
+  q = config.eval.fid
+  if q.every_steps and q.num_samples and source.kind == "latents" and not (
+      q.reference and config.eval.vae_path):
+    raise ValueError("eval.fid on latents needs eval.fid.reference (reference statistics .npz, "
+                     "e.g. ADM's VIRTUAL_imagenet256_labeled.npz) and eval.vae_path (the SD-VAE "
+                     "that decodes samples)")
+  del model
+
+
+@functools.lru_cache(maxsize=1)
+def _vae(path):
+  module, params = vae_lib.load_pretrained(path)
+  return params, jax.jit(lambda p, z: module.apply({"params": p}, z, method=module.decode))
+
+
+def decode_latents(vae_path, z, scaling_factor):
+  """DiT latents -> images in [-1, 1] through the SD VAE."""
+  params, decode = _vae(vae_path)
+  return np.asarray(decode(params, jnp.asarray(z) / scaling_factor))
+
+
+def _sample_fn(config, ev, model, mesh=None):
+  return sampling.make_sample_fn(model, diffusion_lib.from_config(config, ev.respacing),
+                                 cfg_scale=ev.cfg_scale, guide_channels=ev.guide_channels or None,
+                                 mesh=mesh)
+
+
+class SampleGrid:
+  """A PNG grid of EMA samples, labels 0, 1, 2, ... (process 0 writes it)."""
+  name = "grid"
+
+  def __init__(self, config, source, model, mesh, workdir):
+    ev = config.eval.grid
+    self.every_steps = ev.every_steps
+    self._sample = _sample_fn(config, ev, model, mesh)
+    self._labels = np.arange(ev.num_samples, dtype=np.int32) % max(source.num_classes, 1)
+    self._shape = (ev.num_samples,) + tuple(source.image_shape)
+    # Host (numpy) inputs: on a multi-host mesh jit treats them as replicated global values.
+    self._rng = np.asarray(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_003))
+    self._latents = source.kind == "latents"
+    self._vae_path, self._scale = config.eval.vae_path, source.scaling_factor
+    self._out = pathlib.Path(workdir) / "samples"
+
+  def run(self, params, step: int) -> dict:
+    t0 = time.perf_counter()
+    x = np.asarray(self._sample(params, self._labels, self._rng, self._shape))
+    if self._latents:
+      if not self._vae_path:
+        logging.info("step %d: latents sampled; set eval.vae_path to decode grids", step)
+        return {}
+      x = decode_latents(self._vae_path, x, self._scale)
+    if jax.process_index() == 0:
+      images_lib.save_grid(np.asarray(images_lib.quantize(x)), self._out / f"step_{step:08d}.png")
+    return dict(sample_time_s=time.perf_counter() - t0)
+
+
+class FidSuite:
+  """`run(sample_fn, rng)` -> {fid_<net>, sfid_<net>, is_<net>, precision_<net>, recall_<net>}.
+
+  sample_fn(rng, labels_B) returns images (B, H, W, C) in [-1, 1]; it should be jitted. Labels are
+  drawn uniformly from num_classes (None: unconditional, sample_fn gets labels=None) and sharded
+  over the mesh's data axis, so a sample_fn jitted without explicit shardings runs data-parallel.
+  Images are quantised to uint8 (images.quantize) before the feature network sees them.
+  """
+
+  def __init__(self, feature_name: str, feature_fn: fid.FeatureFn, reference: fid.Reference,
+               num_samples: int, batch_size: int, num_classes: int | None = None, mesh=None,
+               data_axis="data", precision_recall: bool = True, progress: bool = True):
+    if reference.feature_net != feature_name:
+      raise ValueError(f"reference statistics were made with {reference.feature_net!r}, not "
+                       f"{feature_name!r}")
+    if num_samples < 2:
+      raise ValueError(f"num_samples must be >= 2 for a covariance, got {num_samples}")
+    self.sharding, num_shards = fid.data_sharding(mesh, data_axis)
+    if batch_size % num_shards:
+      raise ValueError(f"batch_size {batch_size} must be a multiple of the {num_shards} devices on "
+                       f"the data axis")
+    self.feature_name, self.feature_fn, self.reference = feature_name, feature_fn, reference
+    self.num_samples, self.batch_size, self.num_classes = num_samples, batch_size, num_classes
+    self.precision_recall, self.progress = precision_recall, progress
+    self._labels = jax.jit(lambda r: jax.random.randint(r, (batch_size,), 0, num_classes or 1),
+                           out_shardings=self.sharding)
+    self._quantize = jax.jit(images_lib.quantize, out_shardings=self.sharding)
+
+  def _batch(self, sample_fn, rng):
+    label_rng, sample_rng = jax.random.split(rng)
+    labels = self._labels(label_rng) if self.num_classes else None
+    x = sample_fn(sample_rng, labels)
+    if x.ndim != 4 or x.shape[0] != self.batch_size:
+      raise ValueError(f"sample_fn must return ({self.batch_size}, H, W, C) images in [-1, 1], "
+                       f"got shape {x.shape}")
+    return self.feature_fn(self._quantize(jax.device_put(x, self.sharding)))
+
+  def sample_features(self, sample_fn, rng: jax.Array) -> dict:
+    """Features of num_samples images from sample_fn (batch i uses fold_in(rng, i))."""
+    collected = {}
+
+    def fetch(feats):
+      for key, value in jax.device_get(feats).items():
+        collected.setdefault(key, []).append(np.asarray(value))
+
+    pending = None
+    for i in tqdm(range(math.ceil(self.num_samples / self.batch_size)),
+                  desc=f"eval {self.feature_name}", disable=not self.progress):
+      feats = self._batch(sample_fn, jax.random.fold_in(rng, i))
+      if pending is not None:  # fetch batch i-1 after dispatching batch i, so the device never idles
+        fetch(pending)
+      pending = feats
+    fetch(pending)
+    return {key: np.concatenate(value)[:self.num_samples] for key, value in collected.items()}
+
+  def run(self, sample_fn, rng: jax.Array) -> dict[str, float]:
+    """Samples, embeds and scores num_samples images; metric names carry the feature network."""
+    feats = self.sample_features(sample_fn, rng)
+    return fid.metrics(self.feature_name, feats, self.reference, pr=self.precision_recall)
+
+
+def _reference(config, source, name, feature_fn, labelled_images, mesh):
+  q = config.eval.fid
+  if q.reference:
+    return fid.load_reference(q.reference, name, feature_fn, mesh=mesh)
+  cache = q.cache_dir or str(inception.default_cache_dir())
+  return fid.cached_reference(cache, source.name, config.data.split, source.image_shape[0], name,
+                              feature_fn, lambda: labelled_images()[0], mesh=mesh,
+                              batch_size=q.batch_size)
+
+
+class SampleQuality:
+  """FID and friends of `eval.fid.num_samples` EMA samples (pixel data: against cached statistics
+  of the training source; latents: against `eval.fid.reference`, samples decoded by the VAE)."""
+  name = "fid"
+
+  def __init__(self, config, source, model, mesh, workdir):
+    del workdir
+    q = config.eval.fid
+    self.every_steps = q.every_steps
+    latents = source.kind == "latents"
+    n_ref = source.num_examples if q.reference_size <= 0 else min(q.reference_size,
+                                                                  source.num_examples)
+
+    def labelled_images():
+      return source.read(np.arange(n_ref), np.zeros(n_ref, bool))
+
+    data_cfg = dict(config.data.to_dict(), image_size=source.image_shape[0])
+    name, feature_fn = fid.feature_network(
+        data_cfg, q.feature_network, cache_dir=q.cache_dir or None,
+        labelled_images=None if latents else labelled_images, log=logging.info)
+    self._suite = FidSuite(name, feature_fn, _reference(config, source, name, feature_fn,
+                                                        labelled_images, mesh),
+                           q.num_samples, q.batch_size, num_classes=model.num_classes or None,
+                           mesh=mesh, data_axis=sharding_lib.BATCH_AXES, progress=False)
+    # Samples stay sharded over the batch (no replicated output).
+    self._sample = _sample_fn(config, q, model)
+    self._shape = (q.batch_size,) + tuple(source.image_shape)
+    self._decode = (lambda x: decode_latents(config.eval.vae_path, x, source.scaling_factor)) \
+        if latents else (lambda x: x)
+    self._seed, self._batch = config.seed, q.batch_size
+
+  def run(self, params, step: int) -> dict:
+    def sample_fn(rng, labels):
+      if labels is None:
+        labels = np.zeros((self._batch,), np.int32)
+      return self._decode(self._sample(params, labels, rng, self._shape))
+    return self._suite.run(sample_fn, jax.random.fold_in(jax.random.PRNGKey(self._seed + 1), step))
+
+
+def create(config, source, model, mesh, workdir) -> list:
+  """The evaluators the config turns on, in the order the loop runs them."""
+  out = []
+  if config.eval.grid.every_steps > 0:
+    out.append(SampleGrid(config, source, model, mesh, workdir))
+  if config.eval.fid.every_steps > 0 and config.eval.fid.num_samples > 0:
+    out.append(SampleQuality(config, source, model, mesh, workdir))
+  return out

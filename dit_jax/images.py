@@ -1,0 +1,38 @@
+"""Images out of the model: the one quantisation rule and PNG grids.
+
+Samples in [-1, 1] become uint8 as DiT's `sample_ddp.py` and ADM save them:
+floor(clip(127.5 x + 128, 0, 255)). Every path that turns samples into pixels (FID, grids, tools)
+uses `quantize`, so a grid shows exactly the pixels the feature network scored.
+"""
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def quantize(images: jax.Array) -> jax.Array:
+  """[-1, 1] images -> uint8: floor(clip(127.5 x + 128, 0, 255))."""
+  return jnp.floor(jnp.clip(127.5 * jnp.asarray(images, jnp.float32) + 128.0, 0.0, 255.0)
+                   ).astype(jnp.uint8)
+
+
+def grid(images_BxHxWxC: np.ndarray, ncol: int | None = None) -> np.ndarray:
+  """uint8 images tiled into one (rows x ncol) uint8 image with 2-pixel gaps."""
+  x = np.asarray(images_BxHxWxC)
+  b, h, w, c = x.shape
+  ncol = ncol or int(np.ceil(np.sqrt(b)))
+  nrow = -(-b // ncol)
+  out = np.zeros((nrow * (h + 2) + 2, ncol * (w + 2) + 2, c), np.uint8)
+  for i in range(b):
+    r, q = divmod(i, ncol)
+    out[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = x[i]
+  return out
+
+
+def save_grid(images_BxHxWxC: np.ndarray, path, ncol: int | None = None) -> None:
+  """Writes uint8 images as one PNG grid."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (optional heavy dependency)
+  g = grid(images_BxHxWxC, ncol)
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).save(path)

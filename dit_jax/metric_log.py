@@ -1,0 +1,120 @@
+"""The training loop's metrics: writers (TensorBoard, logging, metrics.jsonl) and the log window.
+
+The step's metrics stay on the device until a log step; then the window's steps are fetched at
+once, averaged over the finite values (a skipped step is counted, not averaged), and written with
+the window's throughput and MFU.
+"""
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+import optax
+from clu import metric_writers
+
+from dit_jax import sharding as sharding_lib
+
+# Dense peak FLOP/s per chip for MFU, by jax device_kind substring (bf16 unless noted).
+PEAK_TFLOPS = (
+    ("H200", 989.0), ("H100", 989.0), ("A100", 312.0),
+    ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5", 197.0), ("TPU v4", 275.0), ("TPU v3", 123.0),
+)
+
+
+def peak_flops_per_device(configured_tflops: float) -> float:
+  """Configured peak FLOP/s per device, else looked up by device kind (0 if unknown)."""
+  if configured_tflops > 0:
+    return configured_tflops * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, tflops in PEAK_TFLOPS:
+    if name.lower() in kind.lower():
+      return tflops * 1e12
+  return 0.0
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """A clu MetricWriter that appends one JSON object per scalar write to a file."""
+
+  def __init__(self, path):
+    self._f = open(path, "a", buffering=1)
+
+  def write_scalars(self, step, scalars):
+    self._f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+  def write_texts(self, step, texts):
+    self._f.write(json.dumps({"step": int(step), **texts}) + "\n")
+
+  def write_hparams(self, hparams):
+    self._f.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
+    pass
+
+  def flush(self):
+    self._f.flush()
+
+  def close(self):
+    self._f.close()
+
+
+def create_writer(workdir) -> metric_writers.MetricWriter:
+  """TensorBoard + logging (process 0 only) and metrics.jsonl in the workdir."""
+  default = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() > 0:
+    return default
+  return metric_writers.MultiWriter([default, JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl")])
+
+
+def finite_mean(values) -> float:
+  """Mean over the finite values (skipped steps excluded); NaN if there are none."""
+  values = np.asarray(values, np.float64)
+  ok = np.isfinite(values)
+  return float(values[ok].mean()) if ok.any() else float("nan")
+
+
+class MetricLog:
+  """Collects each step's device metrics and writes one averaged row per log window."""
+
+  def __init__(self, writer, *, start: int, batch_size: int, gflops: float, peak_flops: float,
+               mesh):
+    self.writer = writer
+    self._batch_size, self._gflops, self._peak = batch_size, gflops, peak_flops
+    # The params' norm at log steps only: a pass over every parameter is a noticeable share of a
+    # small model's step on CPU.
+    self._param_norm = jax.jit(optax.tree.norm, out_shardings=sharding_lib.replicated(mesh))
+    self._pending, self._t0, self._start = [], time.perf_counter(), start
+
+  def add(self, metrics) -> None:
+    self._pending.append(metrics)
+
+  def write(self, step: int, params) -> None:
+    """Writes the window that ends at `step` and starts a new one."""
+    host = jax.device_get(self._pending)
+    dt = time.perf_counter() - self._t0
+    summary = {k: finite_mean([m[k] for m in host]) for k in host[-1]
+               if k not in ("nonfinite_streak", "nonfinite_total", "skipped")}
+    summary["skipped"] = float(sum(m["skipped"] for m in host))
+    summary["nonfinite_total"] = float(host[-1]["nonfinite_total"])
+    summary["param_norm"] = float(self._param_norm(params))
+    steps_per_s = (step - self._start) / dt
+    summary.update(steps_per_sec=steps_per_s, images_per_sec=steps_per_s * self._batch_size)
+    if self._peak > 0:
+      summary["mfu"] = 6.0 * self._gflops * 1e9 * self._batch_size * steps_per_s / self._peak
+    self.writer.write_scalars(step, summary)
+    self._pending, self._t0, self._start = [], time.perf_counter(), step

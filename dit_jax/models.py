@@ -1,0 +1,197 @@
+"""The model registry: the one place that knows the model families (DiT, the ADM U-Net).
+
+A model name is '<family>-<size>[/<patch>]' ('DiT-XL/2', 'UNet-B'). Everything else in the framework
+(the trainer, the sweep, the tools, the plots) goes through this module: build from a config, init,
+parameter count, analytic and XLA Gflops, patch size, family name. Adding a family is one `Family`
+row in `FAMILIES`.
+
+Each family understands the config fields in its `fields`; a model field outside them that is not at
+its neutral value (e.g. `depth=12` for a U-Net) is an error, never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dit_jax import dit, flops, unet
+
+# The config's model fields and the value that means "not set" (the named size's, or off).
+MODEL_FIELDS = {"depth": 0, "hidden_size": 0, "num_heads": 0, "conditioning": "adaln_zero",
+                "attention_impl": "", "scan_layers": False, "remat": False}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("", "xla", "cudnn")
+
+
+def dtype_of(name: str):
+  """'float32' / 'bfloat16' / 'float16' -> jnp dtype, with a clear error."""
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; use one of {list(DTYPES)}")
+  return DTYPES[name]
+
+
+def _common_fields(config, num_classes: int) -> dict:
+  return dict(num_classes=num_classes if config.class_conditional else 0,
+              class_dropout_prob=config.class_dropout_prob, learn_sigma=config.learn_sigma,
+              dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype))
+
+
+def _dit_config_fields(config) -> dict:
+  # Width/depth/heads overrides (0 = the named size's) give the off-table shapes of sweeps.
+  fields = {k: config[k] for k in ("depth", "hidden_size", "num_heads") if config[k]}
+  return dict(fields, conditioning=config.conditioning, scan_layers=config.scan_layers,
+              attention_impl=config.attention_impl or None, remat=config.remat)
+
+
+def _build_dit(size: str, patch: int, **fields) -> dit.DiT:
+  row = dit.SIZES[size]
+  shape = dict(depth=row.depth, hidden_size=row.hidden_size, num_heads=row.num_heads)
+  return dit.DiT(patch_size=patch, **{**shape, **fields})
+
+
+def _build_unet(size: str, patch: int, **fields) -> unet.UNet:
+  del patch
+  row = unet.SIZES[size]
+  shape = dict(model_channels=row.model_channels, channel_mult=row.channel_mult,
+               num_res_blocks=row.num_res_blocks, attention_resolutions=row.attention_resolutions,
+               num_head_channels=row.num_head_channels, num_groups=row.num_groups)
+  return unet.UNet(**{**shape, **fields})
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One model family: how its names read, how it is built, initialised and counted."""
+  name: str
+  module: type
+  sizes: dict
+  pattern: str  # full-match regex of a name; group 1 the size, group 2 (if any) the patch
+  example: str
+  fields: tuple  # the MODEL_FIELDS this family understands
+  config_fields: Callable  # config -> the module fields those config fields set
+  build: Callable  # (size, patch, **module fields) -> module
+  init: Callable  # (module, rng) -> boxed params
+  macs: Callable  # (module, context_length) -> int
+  example_inputs: Callable  # (module, batch, context_length) -> (args, kwargs)
+
+
+FAMILIES = {
+    "DiT": Family("DiT", dit.DiT, dit.SIZES, r"DiT-(\w+)/(\d+)", "DiT-XL/2", tuple(MODEL_FIELDS),
+                  _dit_config_fields, _build_dit, dit.init_params, dit.macs, dit.example_inputs),
+    "UNet": Family("UNet", unet.UNet, unet.SIZES, r"UNet-(\w+)", "UNet-B", (), lambda c: {},
+                   _build_unet, unet.init_params, unet.macs, unet.example_inputs),
+}
+
+
+def parse(name: str) -> tuple[Family, str, int]:
+  """'DiT-XL/2' -> (DiT family, 'XL', 2); 'UNet-B' -> (U-Net family, 'B', 1: no patching)."""
+  for family in FAMILIES.values():
+    m = re.fullmatch(family.pattern, str(name))
+    if m and m.group(1) in family.sizes:
+      return family, m.group(1), int(m.group(2)) if m.lastindex == 2 else 1
+  known = "; ".join(f"'{f.pattern.split('(')[0]}<size>{'/<patch>' if '/' in f.pattern else ''}' "
+                    f"with size in {list(f.sizes)}" for f in FAMILIES.values())
+  raise ValueError(f"unknown model {name!r}: expected {known} (e.g. "
+                   f"{', '.join(f.example for f in FAMILIES.values())})")
+
+
+def family_name(name: str) -> str:
+  return parse(name)[0].name
+
+
+def patch_of(name: str) -> int:
+  """The patch size of a model name (1 for pixel-space U-Nets: no patching)."""
+  return parse(name)[2]
+
+
+def names(family: str, sizes, patches=(None,)) -> list[str]:
+  """The names of a family's grid, e.g. names('DiT', ('S', 'B'), (4, 2))."""
+  f = FAMILIES[family]
+  return [f"{f.name}-{s}" + (f"/{p}" if p is not None else "") for s in sizes for p in patches]
+
+
+def paper_models() -> tuple:
+  """The 12 DiTs of the paper's Table 4."""
+  return tuple(names("DiT", ("S", "B", "L", "XL"), (8, 4, 2)))
+
+
+def check_config(config) -> None:
+  """The model fields of a training config; needs no data or devices."""
+  family, _, _ = parse(config.model)
+  for field in ("depth", "hidden_size", "num_heads"):
+    if config[field] < 0:
+      raise ValueError(f"{field}={config[field]}: must be >= 0 (0 = the named size's)")
+  if config.conditioning not in dit.CONDITIONINGS:
+    raise ValueError(f"unknown conditioning {config.conditioning!r}; choose from "
+                     f"{dit.CONDITIONINGS}")
+  if config.attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl {config.attention_impl!r}: use '' (jax chooses), 'xla' or "
+                     f"'cudnn'")
+  for field in ("dtype", "param_dtype"):
+    dtype_of(config[field])
+  for field, neutral in MODEL_FIELDS.items():
+    if field not in family.fields and config[field] != neutral:
+      raise ValueError(f"{config.model}: the {family.name} family does not use {field} (set to "
+                       f"{config[field]!r}); leave it at {neutral!r}")
+
+
+def build(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+          **fields) -> nn.Module:
+  """A named model, e.g. build('DiT-XL/2') is the paper's model on 32x32x4 latents; `fields`
+  override the module's fields (conditioning=, learn_sigma=, model_channels=, ...). Validated."""
+  family, size, patch = parse(name)
+  model = family.build(size, patch, input_size=input_size, in_channels=in_channels,
+                       num_classes=num_classes, **fields)
+  model.validate()
+  return model
+
+
+def create(config, image_shape, num_classes: int) -> nn.Module:
+  """The model `config.model` names, sized to the data (image_shape = (H, W, C)), validated."""
+  check_config(config)
+  h, w, c = image_shape
+  if h != w:
+    raise ValueError(f"{config.model} needs square inputs, the data gives {h}x{w}")
+  family = parse(config.model)[0]
+  return build(config.model, input_size=h, in_channels=c,
+               **_common_fields(config, num_classes), **family.config_fields(config))
+
+
+def family_of(model: nn.Module) -> Family:
+  """The family of a built module."""
+  for family in FAMILIES.values():
+    if isinstance(model, family.module):
+      return family
+  raise TypeError(f"{type(model).__name__} is not a registered model family")
+
+
+def init_params(model: nn.Module, rng) -> Any:
+  """Initialised (boxed, logically partitioned) params."""
+  return family_of(model).init(model, rng)
+
+
+def abstract_params(model: nn.Module) -> Any:
+  """Shapes of the params, without allocating them."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+
+
+def gflops(model: nn.Module, context_length: int = 0) -> float:
+  """Analytic forward Gflops of one image in the paper's convention (1e9 multiply-accumulates)."""
+  return family_of(model).macs(model, context_length) / 1e9
+
+
+def xla_gflops(model: nn.Module, context_length: int = 0) -> float:
+  """XLA's forward Gflops (FLOPs / 2) of one image."""
+  args, kwargs = family_of(model).example_inputs(model, 1, context_length)
+  init = lambda: model.init({"params": jax.random.key(0)}, *args, **kwargs)["params"]
+  return flops.xla_gflops(model, init, args, kwargs)
+
+
+def describe(model: nn.Module, name: str) -> dict:
+  """The row fields a results table needs: family, patch, params, gflops, xla_gflops."""
+  return dict(family=family_of(model).name, patch=patch_of(name),
+              params=flops.count_params(abstract_params(model)), gflops=gflops(model),
+              xla_gflops=xla_gflops(model))

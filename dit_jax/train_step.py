@@ -1,0 +1,168 @@
+"""The pure half of training: train state, optimizer, shardings, `train_step` and its jit.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function; the loop around it (data,
+checkpoints, evaluators, signals) is `train.py`. This module imports jax, flax and optax only, so it
+runs (and is tested) without TensorFlow, clu or orbax. Shardings come from the parameters' logical
+axis names (sharding.py) via `jax.eval_shape`, before any parameter exists.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dit_jax import diffusion as diffusion_lib
+from dit_jax import models
+from dit_jax import sampling
+from dit_jax import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that evolves during training; a pytree that is checkpointed whole."""
+  step: jax.Array  # int32: number of batches consumed (the data pipeline's position).
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2] base key; step s uses fold_in(rng, s), so resuming needs no rng state.
+  nonfinite_streak: jax.Array  # int32: consecutive skipped (non-finite) updates.
+  nonfinite_total: jax.Array  # int32: all skipped updates.
+
+
+def check_config(config) -> None:
+  """The optimisation fields of a training config."""
+  optim = config.optim
+  if not optim.lr > 0:
+    raise ValueError(f"optim.lr must be positive, got {optim.lr}")
+  if optim.weight_decay < 0 or optim.grad_clip < 0 or optim.warmup_steps < 0:
+    raise ValueError("optim.weight_decay, optim.grad_clip and optim.warmup_steps must be >= 0 "
+                     f"(got {optim.weight_decay}, {optim.grad_clip}, {optim.warmup_steps})")
+  if not (0 <= optim.b1 < 1 and 0 <= optim.b2 < 1) or optim.eps <= 0:
+    raise ValueError(f"optim.b1/b2 must be in [0, 1) and optim.eps > 0 (got {optim.b1}, "
+                     f"{optim.b2}, {optim.eps})")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+
+
+def learning_rate_schedule(optim) -> optax.Schedule:
+  """Constant lr (the paper), after an optional linear warm-up."""
+  if optim.warmup_steps > 0:
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.lr, optim.warmup_steps), optax.constant_schedule(optim.lr)],
+        [optim.warmup_steps])
+  return optax.constant_schedule(optim.lr)
+
+
+def create_optimizer(optim) -> optax.GradientTransformation:
+  """AdamW (torch's defaults b1 0.9, b2 0.999, eps 1e-8), optional global-norm clipping."""
+  tx = optax.adamw(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                   weight_decay=optim.weight_decay)
+  if optim.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
+  return tx
+
+
+def _boxed_state(model: nn.Module, tx, seed_key) -> TrainState:
+  init_key, train_key = jax.random.split(seed_key)
+  params = models.init_params(model, init_key)  # logically partitioned boxes
+  zero = jnp.zeros((), jnp.int32)
+  # EMA starts as a copy of the initial params, as DiT's train.py.
+  return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params),
+                    rng=train_key, nonfinite_streak=zero, nonfinite_total=zero)
+
+
+def state_shardings(model: nn.Module, tx, mesh, rules=sharding_lib.DEFAULT_RULES):
+  """(abstract unboxed TrainState, its NamedShardings), from eval_shape: no parameter is built."""
+  abstract_boxed = jax.eval_shape(functools.partial(_boxed_state, model, tx),
+                                  jax.random.PRNGKey(0))
+  shardings = sharding_lib.logical_shardings(abstract_boxed, mesh, rules)
+  return nn.unbox(abstract_boxed), shardings
+
+
+def create_train_state(model: nn.Module, tx, mesh, seed: int,
+                       rules=sharding_lib.DEFAULT_RULES) -> tuple:
+  """(TrainState initialised directly into its shardings, shardings)."""
+  _, shardings = state_shardings(model, tx, mesh, rules)
+  init = jax.jit(lambda key: nn.unbox(_boxed_state(model, tx, key)), out_shardings=shardings)
+  return init(jax.random.PRNGKey(seed)), shardings
+
+
+def per_example_keys(key, batch: int):
+  """Example i's key depends only on (key, i): independent of the batch's sharding and device."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def draw_noise_and_t(k_noise, k_t, shape, num_timesteps: int) -> tuple:
+  """Per-example noise and timesteps: example i's draw depends on (key, i) only, so every example
+  on every device differs, and the values do not depend on how the batch is sharded."""
+  noise = sampling.per_example_normal(k_noise, shape)
+  t_B = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_timesteps, jnp.int32))(
+      per_example_keys(k_t, shape[0]))
+  return noise, t_B
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module,
+               diffusion: diffusion_lib.Diffusion, tx: optax.GradientTransformation,
+               ema_decay: float, lr_fn: Optional[optax.Schedule] = None,
+               batch_spec: Optional[NamedSharding] = None) -> tuple:
+  """One AdamW step on the diffusion loss; a non-finite loss or gradient skips the update."""
+  x0 = batch["image"]
+  y = batch["label"] if model.num_classes else None
+  key = jax.random.fold_in(state.rng, state.step)
+  k_noise, k_t, k_drop = jax.random.split(key, 3)
+  noise, t_B = draw_noise_and_t(k_noise, k_t, x0.shape, diffusion.num_timesteps)
+  if batch_spec is not None:
+    noise = jax.lax.with_sharding_constraint(noise, batch_spec)
+    t_B = jax.lax.with_sharding_constraint(
+        t_B, NamedSharding(batch_spec.mesh, P(batch_spec.spec[0])))
+
+  def loss_fn(params):
+    def model_fn(x_t, t_orig):
+      return model.apply({"params": params}, x_t, t_orig, y, train=True,
+                         rngs={"label_dropout": k_drop})
+    terms = diffusion.training_losses(model_fn, x0, t_B, noise)
+    return jnp.mean(terms["loss"]), terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def update(state):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: e * ema_decay + (1.0 - ema_decay) * p, state.ema_params, params)
+    return state.replace(params=params, ema_params=ema, opt_state=opt_state)
+
+  # A skipped step keeps params, EMA and optimizer state as they were. lax.cond (not jnp.where over
+  # every leaf) runs only the taken branch, so a finite step pays no extra passes over the state.
+  new_state = jax.lax.cond(finite, update, lambda s: s, state)
+  streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+  new_state = new_state.replace(
+      step=state.step + 1, nonfinite_streak=streak,
+      nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+  metrics = dict(loss=loss, mse=jnp.mean(terms["mse"]), vb=jnp.mean(terms["vb"]),
+                 grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32), nonfinite_streak=streak,
+                 nonfinite_total=new_state.nonfinite_total)
+  if lr_fn is not None:
+    metrics["lr"] = lr_fn(state.step)
+  return new_state, metrics
+
+
+def batch_shardings(mesh) -> dict:
+  return {"image": sharding_lib.batch_sharding(mesh),
+          "label": NamedSharding(mesh, P(sharding_lib.BATCH_AXES))}
+
+
+def jit_train_step(model, diffusion, tx, mesh, shardings, ema_decay: float,
+                   lr_fn: Optional[optax.Schedule] = None) -> Callable:
+  """train_step jitted with state/batch shardings and the old state's buffers donated."""
+  fn = functools.partial(train_step, model=model, diffusion=diffusion, tx=tx, ema_decay=ema_decay,
+                         lr_fn=lr_fn, batch_spec=sharding_lib.batch_sharding(mesh))
+  return jax.jit(fn, in_shardings=(shardings, batch_shardings(mesh)),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
