@@ -191,7 +191,8 @@ def xla_gflops(model: nn.Module, context_length: int = 0) -> float:
 
 
 def describe(model: nn.Module, name: str) -> dict:
-  """The row fields a results table needs: family, patch, params, gflops, xla_gflops."""
-  return dict(family=family_of(model).name, patch=patch_of(name),
+  """The row fields a results table needs: family, size, patch, params, gflops, xla_gflops."""
+  family, size, patch = parse(name)
+  return dict(family=family.name, size=size, patch=patch,
               params=flops.count_params(abstract_params(model)), gflops=gflops(model),
               xla_gflops=xla_gflops(model))

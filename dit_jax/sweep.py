@@ -82,8 +82,8 @@ def evaluation_rows(name: str, run_dir: pathlib.Path, info: dict, batch_size: in
     (metric, value), = fids.items()
     step = int(m["step"])
     rows[step] = dict(  # a step evaluated again after a resume keeps its newest row
-        run=name, model=name, family=info["family"], patch=info["patch"], params=info["params"],
-        gflops=info["gflops"],
+        run=name, model=name, family=info["family"], size=info["size"], patch=info["patch"],
+        params=info["params"], gflops=info["gflops"],
         xla_gflops=info["xla_gflops"], step=step,
         train_compute_gflops=info["gflops"] * batch_size * step * 3, fid=value, fid_metric=metric,
         images_per_s=sum(speeds) / len(speeds) if speeds else float("nan"),

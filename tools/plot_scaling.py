@@ -20,17 +20,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from dit_jax import files  # noqa: E402
+from dit_jax import models  # noqa: E402
+
 MARKERS = {2: "o", 4: "s", 8: "^", 1: "D", 16: "v"}
 
 
 def read_rows(path) -> list[dict]:
-  """Evaluation rows of a results.jsonl (failed members are skipped)."""
+  """Evaluation rows of a results.jsonl (failed members are skipped); rows written before they
+  carried `family` and `size` get them from the model registry."""
   rows = []
-  for line in pathlib.Path(path).read_text().splitlines():
-    if line.strip():
-      row = json.loads(line)
-      if row.get("status", "ok") == "ok" and row.get("fid") is not None:
-        rows.append(row)
+  for row in files.read_jsonl(path):
+    if row.get("status", "ok") == "ok" and row.get("fid") is not None:
+      if "family" not in row:
+        family, size, _ = models.parse(row["model"])
+        row = dict(row, family=family.name, size=size)
+      rows.append(row)
   if not rows:
     raise ValueError(f"{path}: no evaluation rows")
   return rows
@@ -49,7 +54,7 @@ def final_rows(rows) -> list[dict]:
 
 
 def size_of(row) -> str:
-  return row["model"].split("/")[0]
+  return f"{row['family']}-{row['size']}"
 
 
 def colours(rows) -> dict:
@@ -112,7 +117,7 @@ def plot_all(rows, out: pathlib.Path) -> dict:
   ax.legend(fontsize=7)
   save(fig, "fid_vs_compute")
 
-  dits = [r for r in finals if r["model"].startswith("DiT")]
+  dits = [r for r in finals if r["family"] == "DiT"]
   rho = stats.spearmanr([r["gflops"] for r in dits], [r["fid"] for r in dits])[0] \
       if len(dits) >= 3 else float("nan")
   summary = {"metric": metric, "spearman_gflops_fid_dit": float(rho), "power_law": fit,
