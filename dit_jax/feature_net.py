@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dit_jax import data, datasets
+from dit_jax import datasets, sources
 
 Dtype = Any
 
@@ -51,7 +51,7 @@ def resize_images(images_NxHxWxC: np.ndarray, size: int) -> np.ndarray:
   """ADM's centre crop of uint8 images to size x size, the training pipeline's own resize."""
   if images_NxHxWxC.shape[1:3] == (size, size):
     return images_NxHxWxC
-  return np.stack([data.prepare_image(im, size, 0) for im in images_NxHxWxC])
+  return np.stack([sources.prepare_image(im, size, 0) for im in images_NxHxWxC])
 
 
 def read_labelled(name: str, path=None, image_size: int | None = None, channels: int = 0,
