@@ -64,10 +64,6 @@ class Pipeline:
           lambda x, step: jnp.clip(x.astype(jnp.float32) / 127.5 - 1.0, -1.0, 1.0),
           out_shardings=sharding)
 
-  @property
-  def steps_per_epoch(self) -> float:
-    return self.source.num_examples / self.global_batch_size
-
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._perms:
       if len(self._perms) > 2:
