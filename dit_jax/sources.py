@@ -92,6 +92,7 @@ class Source:
   flip: bool
   kind: str = "pixels"  # "pixels": read() gives uint8 images; "latents": float mean||logvar.
   scaling_factor: float = 1.0  # latents only: z * scaling_factor is what DiT sees.
+  split: str = "all"  # The split the examples are from; "all": the whole dataset or directory.
 
   def read(self, indices: np.ndarray, flips: np.ndarray):
     raise NotImplementedError
@@ -169,21 +170,21 @@ def _limit(cfg, n):
   return n if cfg.max_examples <= 0 else min(n, cfg.max_examples)
 
 
-def _array_source(cfg, images, labels, class_names, name):
+def _array_source(cfg, images, labels, class_names, name, split="all"):
   n = _limit(cfg, len(images))
   images = np.stack([prepare_image(im, cfg.image_size, cfg.channels) for im in images[:n]])
   num_classes = len(class_names) if class_names else int(labels.max()) + 1
   if not class_names:
     class_names = tuple(str(i) for i in range(num_classes))
   return ArraySource(name=name, image_shape=images.shape[1:], num_classes=num_classes,
-                     class_names=tuple(class_names), num_examples=n, flip=cfg.flip,
+                     class_names=tuple(class_names), num_examples=n, flip=cfg.flip, split=split,
                      images=images, labels=labels[:n].astype(np.int32))
 
 
 def _folder_source(cfg, directory, name):
-  directory = pathlib.Path(directory)
+  directory, split = pathlib.Path(directory), "all"
   if cfg.split and (directory / cfg.split).is_dir():
-    directory = directory / cfg.split
+    directory, split = directory / cfg.split, cfg.split
   paths, labels, classes = datasets.list_image_folder(directory)
   n = _limit(cfg, len(paths))
   paths, labels = paths[:n], labels[:n]
@@ -199,7 +200,7 @@ def _folder_source(cfg, directory, name):
 
   lazy = LazyImageSource(name=name, image_shape=(cfg.image_size, cfg.image_size, c),
                          num_classes=len(classes), class_names=classes, num_examples=n,
-                         flip=cfg.flip, load_fn=load, labels=labels, channels=c,
+                         flip=cfg.flip, split=split, load_fn=load, labels=labels, channels=c,
                          num_workers=cfg.num_workers)
   if n * cfg.image_size ** 2 * c > cfg.max_in_memory_gb * 2 ** 30:
     return lazy
@@ -211,8 +212,8 @@ def _materialize(lazy: "LazyImageSource") -> ArraySource:
   n = lazy.num_examples
   images, labels = lazy.read(np.arange(n), np.zeros(n, bool))
   return ArraySource(name=lazy.name, image_shape=lazy.image_shape, num_classes=lazy.num_classes,
-                     class_names=lazy.class_names, num_examples=n, flip=lazy.flip, images=images,
-                     labels=labels)
+                     class_names=lazy.class_names, num_examples=n, flip=lazy.flip,
+                     split=lazy.split, images=images, labels=labels)
 
 
 def tfds_reachable(timeout_s: float, host=TFDS_PROBE_HOST) -> bool:
@@ -274,8 +275,8 @@ def _tfds_source(cfg, name):
     lazy = LazyImageSource(
         name=name, image_shape=(cfg.image_size, cfg.image_size, c), num_classes=num_classes,
         class_names=class_names or tuple(str(i) for i in range(num_classes)), num_examples=n,
-        flip=cfg.flip, load_fn=lambda i: np.asarray(records[i][image_key]), labels=labels,
-        channels=cfg.channels, num_workers=cfg.num_workers)
+        flip=cfg.flip, split=cfg.split, load_fn=lambda i: np.asarray(records[i][image_key]),
+        labels=labels, channels=cfg.channels, num_workers=cfg.num_workers)
     return _materialize(lazy) if fits else lazy
   if not fits:
     raise ValueError(
@@ -293,8 +294,8 @@ def _tfds_source(cfg, name):
   num_classes = max(len(class_names), int(labels.max()) + 1)
   return ArraySource(name=name, image_shape=images[0].shape, num_classes=num_classes,
                      class_names=class_names or tuple(str(i) for i in range(num_classes)),
-                     num_examples=n, flip=cfg.flip, images=np.stack(images), labels=labels)
-
+                     num_examples=n, flip=cfg.flip, split=cfg.split, images=np.stack(images),
+                     labels=labels)
 
 
 def _latent_source(cfg):
@@ -338,7 +339,7 @@ def create_source(cfg: ml_collections.ConfigDict) -> Source:
     if not (directory / f"{prefix}-images-idx3-ubyte.gz").is_file():
       raise ValueError(f"{directory} has no {prefix}-images-idx3-ubyte.gz (split {cfg.split!r})")
     images, labels = datasets.read_mnist(directory, prefix)
-    return _array_source(cfg, images, labels, tuple(str(i) for i in range(10)), "mnist")
+    return _array_source(cfg, images, labels, tuple(str(i) for i in range(10)), "mnist", prefix)
   if cfg.name == "cifar10" and cfg.path:
     return _folder_source(cfg, _require_path(cfg, "a folder with one sub-folder per class"),
                           "cifar10")
