@@ -4,7 +4,7 @@ upscaled to 16x16 that trains in a few minutes on a laptop CPU. Any field can be
 """
 import ml_collections
 
-from dit_jax import data
+from dit_jax import sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -35,8 +35,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.diffusion.timesteps = 1000  # T of the training process.
   config.diffusion.prediction = "eps"  # What the network predicts: eps | x0 | v.
 
-  # Data (see data.default_data_config for every field).
-  config.data = data.default_data_config()
+  # Data (see sources.default_data_config for every field).
+  config.data = sources.default_data_config()
   config.data.name = "latents"  # ImageNet latents from tools/extract_latents.py.
   config.data.path = ""  # The latents directory (required for the paper preset).
   config.data.image_size = 0  # 0 = whatever the latents were extracted at (256 px -> 32x32x4).

@@ -1,7 +1,7 @@
 """Readers for datasets stored as plain files: MNIST idx.gz, class-folder images, .npz arrays,
 and scikit-learn's bundled 8x8 digits.
 
-Each reader returns (images_NxHxWxC uint8, labels_N int32). The pipeline in `data.py` builds on them.
+Each reader returns (images_NxHxWxC uint8, labels_N int32). The sources in `sources.py` build on them.
 """
 import gzip
 import pathlib

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dit_jax import data, datasets
+from dit_jax import sources
 
 Dtype = Any
 
@@ -51,51 +51,26 @@ def resize_images(images_NxHxWxC: np.ndarray, size: int) -> np.ndarray:
   """ADM's centre crop of uint8 images to size x size, the training pipeline's own resize."""
   if images_NxHxWxC.shape[1:3] == (size, size):
     return images_NxHxWxC
-  return np.stack([data.prepare_image(im, size, 0) for im in images_NxHxWxC])
+  return np.stack([sources.prepare_image(im, size, 0) for im in images_NxHxWxC])
 
 
-def read_labelled(name: str, path=None, image_size: int | None = None, channels: int = 0,
-                  split: str = "train"):
+def read_labelled(name: str, path, image_size: int, channels: int = 0, split: str = "train"):
   """(images uint8 NHWC, labels, split read) of a dataset named as in the data config.
 
-  digits: scikit-learn's 8x8 digits; mnist: idx.gz files in `path` (the requested split when its
-  images are there, else t10k); cifar10 / folder: `path`[/split]/<class>/*; npz: `path`.
+  The images come from `sources.create_source`, so the dataset names, split rules, channel
+  conversion and ADM resize are the training pipeline's own; split read is "all" where the dataset
+  has no splits (digits, npz, a folder without a `split` sub-folder).
   """
-  if name == "digits":
-    images, labels = datasets.read_digits()
-    split = "all"
-  elif name == "mnist":
-    if not path:
-      raise ValueError("dataset 'mnist' needs the data config's path (the folder of idx.gz files)")
-    mnist_split = "t10k" if split == "test" else split
-    if not pathlib.Path(path, f"{mnist_split}-images-idx3-ubyte.gz").exists():
-      mnist_split = "t10k"
-    images, labels = datasets.read_mnist(path, mnist_split)
-    split = mnist_split
-  elif name in ("cifar10", "folder"):
-    if not path:
-      raise ValueError(f"dataset {name!r} needs the data config's path (one sub-folder per class)")
-    folder = pathlib.Path(path)
-    if (folder / split).is_dir():
-      folder = folder / split
-    else:
-      split = "all"
-    images, labels = datasets.read_image_folder(folder, channels or 3)
-  elif name == "npz":
-    images, labels = datasets.read_npz(path)
-    split = "all"
-  else:
-    raise ValueError(f"no reader for dataset {name!r} here: pass labelled images to train the "
-                     f"feature net on (expected digits, mnist, cifar10, folder or npz)")
-  if channels and images.shape[-1] != channels:
-    if channels == 1:  # ITU-R 601 luma, what PIL's convert('L') computes
-      grey = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-      images = np.round(grey).clip(0, 255).astype(np.uint8)[..., None]
-    else:
-      images = np.repeat(images, 3, axis=-1)
-  if image_size:
-    images = resize_images(images, image_size)
-  return images, labels, split
+  if name == "latents":  # the net sees pixels; latents would need decoding first
+    raise ValueError("dataset 'latents' holds VAE latents, not images: pass labelled images to "
+                     "train the feature net on")
+  cfg = sources.default_data_config()
+  cfg.update(dict(name=name, path=str(path or ""), image_size=image_size, channels=channels,
+                  split=split, flip=False))
+  source = sources.create_source(cfg)
+  n = source.num_examples
+  images, labels = source.read(np.arange(n), np.zeros(n, bool))
+  return images, labels, source.split
 
 
 def train(images: np.ndarray, labels: np.ndarray, *, num_classes: int | None = None,

@@ -19,9 +19,9 @@ import ml_collections
 from absl import logging
 
 from dit_jax import config_check
-from dit_jax import data as data_lib
 from dit_jax import files
 from dit_jax import models
+from dit_jax import sources
 from dit_jax import train
 
 
@@ -116,7 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
   workdir = pathlib.Path(workdir)
   check_config(config)
   names = select(member_names(config.sweep), config.sweep.member)
-  source = data_lib.create_source(config.data)  # checks the data before anything compiles
+  source = sources.create_source(config.data)  # checks the data before anything compiles
   infos = {}
   for name in names:  # every member's config errors surface here, before any training
     cfg = member_config(config, name)

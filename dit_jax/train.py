@@ -24,7 +24,7 @@ from clu import parameter_overview, periodic_actions
 
 from dit_jax import checkpoint as checkpoint_lib
 from dit_jax import config_check
-from dit_jax import data as data_lib
+from dit_jax import pipeline as pipeline_lib
 from dit_jax import diffusion as diffusion_lib
 from dit_jax import distributed
 from dit_jax import evaluators as evaluators_lib
@@ -32,6 +32,7 @@ from dit_jax import flops
 from dit_jax import metric_log
 from dit_jax import models
 from dit_jax import sharding as sharding_lib
+from dit_jax import sources
 from dit_jax import train_step as step_lib
 
 
@@ -69,7 +70,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   """Checks the config (all of it, before anything is built), then data, model, mesh, state."""
   config_check.check(config)
   distributed.maybe_initialize(config.distributed)
-  source = data_lib.create_source(config.data)
+  source = sources.create_source(config.data)
   model = config_check.check_with_data(config, source)
   mesh = sharding_lib.create_mesh(config.mesh_shape)
   config_check.check_devices(config, mesh)
@@ -81,9 +82,9 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   rules = tuple(tuple(r) for r in config.logical_axis_rules) if config.logical_axis_rules else \
       sharding_lib.DEFAULT_RULES
   abstract_state, shardings = step_lib.state_shardings(model, tx, mesh, rules)
-  pipeline = data_lib.Pipeline(source, config.batch_size, config.seed,
-                               sharding_lib.batch_sharding(mesh))
-  logging.info("data: %s", data_lib.describe(source))
+  pipeline = pipeline_lib.Pipeline(source, config.batch_size, config.seed,
+                                   sharding_lib.batch_sharding(mesh))
+  logging.info("data: %s", sources.describe(source))
   logging.info("mesh: %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
                jax.process_count())
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", config.keep_checkpoints,

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_jax import data
 from dit_jax import datasets
+from dit_jax import latent_format
+from dit_jax import pipeline
+from dit_jax import sources
 from dit_jax import vae as vae_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,7 +28,7 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 
 def _cfg(**kw):
-  cfg = data.default_data_config()
+  cfg = sources.default_data_config()
   cfg.update(kw)
   return cfg
 
@@ -39,7 +41,7 @@ def _mesh_sharding(shape=(4, 2)):
 
 @pytest.fixture(scope="module")
 def cifar(shared_data):
-  return data.create_source(_cfg(name="cifar10", path=str(shared_data / "cifar10_test_jpg"),
+  return sources.create_source(_cfg(name="cifar10", path=str(shared_data / "cifar10_test_jpg"),
                                  split="test", image_size=32))
 
 
@@ -62,37 +64,37 @@ def _adm_reference_crop(pil_image, image_size):
 def test_adm_center_crop_matches_reference(shared_data, size, src_wh):
   with Image.open(shared_data / "cifar10_test_jpg/test/horse/0007.jpg") as im:
     im = im.convert("RGB").resize(src_wh, Image.BICUBIC)  # a real photo at an awkward size
-  ours = data.center_crop_arr(im, size)
+  ours = sources.center_crop_arr(im, size)
   assert ours.shape == (size, size, 3)
   np.testing.assert_array_equal(ours, _adm_reference_crop(im, size))
 
 
 def test_digits_default_is_offline_and_resized():
-  cfg = data.default_data_config()
+  cfg = sources.default_data_config()
   assert cfg.name == "digits"
-  src = data.create_source(cfg)
+  src = sources.create_source(cfg)
   raw, labels = datasets.read_digits()
   assert (src.num_examples, src.num_classes, src.image_shape) == (1797, 10, (16, 16, 1))
   assert src.class_names == tuple("0123456789")
   x, y = src.read(np.arange(5), np.zeros(5, bool))
   np.testing.assert_array_equal(y, labels[:5])
-  ref = data.center_crop_arr(Image.fromarray(raw[3, ..., 0]), 16)  # 8 -> 16 BICUBIC upsample
+  ref = sources.center_crop_arr(Image.fromarray(raw[3, ..., 0]), 16)  # 8 -> 16 BICUBIC upsample
   np.testing.assert_array_equal(x[3, ..., 0], ref)
 
 
 def test_mnist_from_shared_files(shared_data):
-  src = data.create_source(_cfg(name="mnist", path=str(shared_data / "mnist"), split="test",
+  src = sources.create_source(_cfg(name="mnist", path=str(shared_data / "mnist"), split="test",
                                 image_size=28, flip=False))
   assert (src.num_examples, src.image_shape, src.num_classes) == (10000, (28, 28, 1), 10)
   np.testing.assert_array_equal(np.bincount(src.labels), MNIST_TEST_COUNTS)
   np.testing.assert_array_equal(src.labels[:10], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9])
   assert abs(src.images.mean() - 33.79) < 0.01
-  pipe = data.Pipeline(src, 50, seed=0)
+  pipe = pipeline.Pipeline(src, 50, seed=0)
   b = pipe.batch(0)
   idx, _ = pipe.indices(0)
   np.testing.assert_allclose(np.asarray(b["image"]), src.images[idx] / 127.5 - 1, atol=1e-6)
   with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):  # not in shared data
-    data.create_source(_cfg(name="mnist", path=str(shared_data / "mnist"), split="train"))
+    sources.create_source(_cfg(name="mnist", path=str(shared_data / "mnist"), split="train"))
 
 
 def test_cifar10_folder_from_shared_jpegs(cifar):
@@ -105,10 +107,10 @@ def test_cifar10_folder_from_shared_jpegs(cifar):
 def test_npz_source_roundtrip(shared_data, tmp_path):
   images, labels = datasets.read_mnist(shared_data / "mnist", "t10k")
   datasets.write_npz(tmp_path / "m.npz", images[:200, ..., 0], labels[:200])
-  src = data.create_source(_cfg(name="npz", path=str(tmp_path / "m.npz"), image_size=28))
+  src = sources.create_source(_cfg(name="npz", path=str(tmp_path / "m.npz"), image_size=28))
   np.testing.assert_array_equal(src.images, images[:200])
   np.testing.assert_array_equal(src.labels, labels[:200])
-  rgb = data.create_source(_cfg(name="npz", path=str(tmp_path / "m.npz"), image_size=28,
+  rgb = sources.create_source(_cfg(name="npz", path=str(tmp_path / "m.npz"), image_size=28,
                                 channels=3))
   assert rgb.image_shape == (28, 28, 3)
   np.testing.assert_array_equal(rgb.images[..., 1], images[:200, ..., 0])
@@ -116,18 +118,18 @@ def test_npz_source_roundtrip(shared_data, tmp_path):
 
 def test_batches_are_a_function_of_seed_and_step(cifar):
   """Same (seed, step) -> same batch on any device layout; epochs are permutations; flips mirror."""
-  small = data.ArraySource(**{**cifar.__dict__, "num_examples": 96, "images": cifar.images[:96],
+  small = sources.ArraySource(**{**cifar.__dict__, "num_examples": 96, "images": cifar.images[:96],
                               "labels": cifar.labels[:96]})
-  a = data.Pipeline(small, 32, seed=7, sharding=_mesh_sharding())
-  b = data.Pipeline(small, 32, seed=7)  # one device
-  c = data.Pipeline(small, 32, seed=8, sharding=_mesh_sharding())
+  a = pipeline.Pipeline(small, 32, seed=7, sharding=_mesh_sharding())
+  b = pipeline.Pipeline(small, 32, seed=7)  # one device
+  c = pipeline.Pipeline(small, 32, seed=8, sharding=_mesh_sharding())
   batch_a, batch_b = a.batch(4), b.batch(4)
   assert batch_a["image"].sharding == _mesh_sharding()
   np.testing.assert_array_equal(np.asarray(batch_a["image"]), np.asarray(batch_b["image"]))
   np.testing.assert_array_equal(np.asarray(batch_a["label"]), np.asarray(batch_b["label"]))
   assert not np.array_equal(a.indices(4)[0], c.indices(4)[0])
   # A "resumed" pipeline (fresh object, starts at step 4) continues identically.
-  resumed = next(data.Pipeline(small, 32, seed=7, sharding=_mesh_sharding()).iterate(4))
+  resumed = next(pipeline.Pipeline(small, 32, seed=7, sharding=_mesh_sharding()).iterate(4))
   np.testing.assert_array_equal(np.asarray(resumed["image"]), np.asarray(batch_a["image"]))
   # Each epoch (3 steps) visits every example once, in a new order.
   epoch0 = np.concatenate([a.indices(s)[0] for s in range(3)])
@@ -145,7 +147,7 @@ def test_batches_are_a_function_of_seed_and_step(cifar):
 
 def test_process_rows_are_slices_of_the_global_batch(cifar):
   """A process that owns rows [8, 24) reads exactly those rows of the global order."""
-  pipe = data.Pipeline(cifar, 32, seed=3)
+  pipe = pipeline.Pipeline(cifar, 32, seed=3)
   full_idx, full_flips = pipe.indices(11)
   pipe.local_start, pipe.local_stop = 8, 24  # what a 4-process job's second process computes
   idx, flips = pipe.indices(11)
@@ -157,25 +159,25 @@ def test_process_rows_are_slices_of_the_global_batch(cifar):
 
 def test_clear_errors_before_compiling(tmp_path):
   with pytest.raises(ValueError, match="unknown data.name"):
-    data.create_source(_cfg(name="imagenet"))
+    sources.create_source(_cfg(name="imagenet"))
   with pytest.raises(ValueError, match="needs data.path"):
-    data.create_source(_cfg(name="folder"))
+    sources.create_source(_cfg(name="folder"))
   with pytest.raises(ValueError, match="does not exist"):
-    data.create_source(_cfg(name="npz", path=str(tmp_path / "nope.npz")))
+    sources.create_source(_cfg(name="npz", path=str(tmp_path / "nope.npz")))
   for bad in (0, -3, "32", 2.5):
     with pytest.raises(ValueError, match="image_size"):
-      data.create_source(_cfg_unlocked(image_size=bad))
+      sources.create_source(_cfg_unlocked(image_size=bad))
   with pytest.raises(ValueError, match="channels"):
-    data.create_source(_cfg(channels=2))
+    sources.create_source(_cfg(channels=2))
   with pytest.raises(ValueError, match="tfds_name"):
-    data.create_source(_cfg(name="tfds"))
-  src = data.create_source(_cfg(max_examples=64))
+    sources.create_source(_cfg(name="tfds"))
+  src = sources.create_source(_cfg(max_examples=64))
   with pytest.raises(ValueError, match="does not split evenly"):
-    data.Pipeline(src, 12, seed=0, sharding=_mesh_sharding())
+    pipeline.Pipeline(src, 12, seed=0, sharding=_mesh_sharding())
 
 
 def _cfg_unlocked(**kw):
-  cfg = data.default_data_config()
+  cfg = sources.default_data_config()
   with cfg.ignore_type():
     cfg.update(kw)
   return cfg
@@ -184,7 +186,7 @@ def _cfg_unlocked(**kw):
 def test_tfds_offline_fails_fast(tmp_path, monkeypatch):
   """No prepared data + unreachable host -> DataUnavailableError in seconds, no download attempt."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(data, "TFDS_PROBE_HOST", ("192.0.2.1", 443))  # TEST-NET-1: never routable
+  monkeypatch.setattr(sources, "TFDS_PROBE_HOST", ("192.0.2.1", 443))  # TEST-NET-1: never routable
 
   def no_download(*args, **kwargs):
     raise AssertionError("download_and_prepare must not run when offline")
@@ -192,11 +194,11 @@ def test_tfds_offline_fails_fast(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
   cfg = _cfg(name="mnist", tfds_data_dir=str(tmp_path), tfds_probe_timeout_s=0.5)
   t0 = time.monotonic()
-  with pytest.raises(data.DataUnavailableError, match="unreachable"):
-    data.create_source(cfg)
+  with pytest.raises(sources.DataUnavailableError, match="unreachable"):
+    sources.create_source(cfg)
   assert time.monotonic() - t0 < 60  # generous guard; unguarded tfds.load retries ~200 s
   with pytest.raises(ValueError, match="unknown TFDS dataset"):
-    data.create_source(_cfg(name="tfds", tfds_name="no_such_dataset_xyz",
+    sources.create_source(_cfg(name="tfds", tfds_name="no_such_dataset_xyz",
                             tfds_data_dir=str(tmp_path)))
 
 
@@ -228,7 +230,7 @@ def test_tfds_prepared_dataset_reads_real_mnist(shared_data, tmp_path):
     d = tmp_path / fmt
     tfds.builder("dit_jax_test_mnist", data_dir=str(d), file_format=fmt).download_and_prepare()
     for gb in (8.0, 0.0) if fmt == "array_record" else (8.0,):  # in RAM, then lazy reads
-      src = data.create_source(_cfg(name="tfds", tfds_name="dit_jax_test_mnist", split="test",
+      src = sources.create_source(_cfg(name="tfds", tfds_name="dit_jax_test_mnist", split="test",
                                     tfds_data_dir=str(d), image_size=28, max_in_memory_gb=gb))
       assert (src.num_examples, src.num_classes, src.image_shape) == (64, 10, (28, 28, 1))
       x, y = src.read(np.arange(64), np.zeros(64, bool))
@@ -265,21 +267,21 @@ def test_latent_extraction_resume_and_source(shared_data, tmp_path):
     calls.append(len(x))
     return encode(x)
 
-  src = data.create_source(_cfg(name="cifar10", path=str(shared_data / "cifar10_test_jpg"), split="test",
+  src = sources.create_source(_cfg(name="cifar10", path=str(shared_data / "cifar10_test_jpg"), split="test",
                                 image_size=16, max_examples=20, flip=False))
   out = tmp_path / "lat"
   kw = dict(shard_size=8, batch_size=4, meta_extra={"scaling_factor": 0.18215}, progress=False)
-  meta = data.write_latents(src, encode_fn, out, **kw)
+  meta = latent_format.write_latents(src, encode_fn, out, **kw)
   # shards of 8, 8, 4 examples in chunks of 4 -> 5 chunks, each encoded plain and mirrored.
   assert meta["num_shards"] == 3 and set(calls) == {4} and len(calls) == 10
-  first = np.load(out / data.shard_names(1, 3)[0])
-  (out / data.shard_names(1, 3)[0]).unlink()
+  first = np.load(out / latent_format.shard_names(1, 3)[0])
+  (out / latent_format.shard_names(1, 3)[0]).unlink()
   calls.clear()
-  data.write_latents(src, encode_fn, out, **kw)  # resumes: only shard 1 (8 images, 2 flips)
+  latent_format.write_latents(src, encode_fn, out, **kw)  # resumes: only shard 1 (8 images x 2)
   assert len(calls) == 2 * 2
-  np.testing.assert_array_equal(np.load(out / data.shard_names(1, 3)[0]), first)
+  np.testing.assert_array_equal(np.load(out / latent_format.shard_names(1, 3)[0]), first)
   with pytest.raises(ValueError, match="another extraction"):
-    data.write_latents(src, encode_fn, out, **{**kw, "shard_size": 10})
+    latent_format.write_latents(src, encode_fn, out, **{**kw, "shard_size": 10})
   # Stored variants are the encodings of the image and of its mirror image.
   x, _ = src.read(np.arange(8, 12), np.zeros(4, bool))
   xf = x.astype(np.float32) / 127.5 - 1
@@ -287,10 +289,10 @@ def test_latent_extraction_resume_and_source(shared_data, tmp_path):
     mean, logvar = encode(xv)
     np.testing.assert_allclose(first[:4, v], np.concatenate([mean, logvar], -1), atol=1e-5)
 
-  lat = data.create_source(_cfg(name="latents", path=str(out), image_size=16, flip=True))
+  lat = sources.create_source(_cfg(name="latents", path=str(out), image_size=16, flip=True))
   assert (lat.num_examples, lat.image_shape, lat.kind) == (20, (8, 8, 4), "latents")
   assert lat.class_names == CIFAR_CLASSES
-  pipe = data.Pipeline(lat, 8, seed=5, sharding=_mesh_sharding())
+  pipe = pipeline.Pipeline(lat, 8, seed=5, sharding=_mesh_sharding())
   batch = pipe.batch(2)
   idx, flips = pipe.indices(2)
   moments, labels = lat.read(idx, flips)
@@ -299,13 +301,13 @@ def test_latent_extraction_resume_and_source(shared_data, tmp_path):
   mean, logvar = moments[..., :4], moments[..., 4:]
   np.testing.assert_allclose(np.asarray(batch["image"]),
                              (mean + np.exp(0.5 * logvar) * eps) * 0.18215, rtol=1e-5, atol=1e-6)
-  single = data.Pipeline(lat, 8, seed=5).batch(2)  # same numbers on one device
+  single = pipeline.Pipeline(lat, 8, seed=5).batch(2)  # same numbers on one device
   np.testing.assert_allclose(np.asarray(single["image"]), np.asarray(batch["image"]), atol=1e-6)
   with pytest.raises(ValueError, match="extracted at 16px"):
-    data.create_source(_cfg(name="latents", path=str(out), image_size=32))
-  (out / data.shard_names(2, 3)[1]).unlink()
+    sources.create_source(_cfg(name="latents", path=str(out), image_size=32))
+  (out / latent_format.shard_names(2, 3)[1]).unlink()
   with pytest.raises(ValueError, match="1 of 3 shards missing"):
-    data.create_source(_cfg(name="latents", path=str(out), image_size=0))
+    sources.create_source(_cfg(name="latents", path=str(out), image_size=0))
 
 
 def test_extract_latents_tool_end_to_end(shared_data, tmp_path):
@@ -327,6 +329,6 @@ def test_extract_latents_tool_end_to_end(shared_data, tmp_path):
   meta = tool.run(cfg, tmp_path / "vae", tmp_path / "out", batch_size=8, shard_size=8,
                   progress=False)
   assert meta["num_shards"] == 2 and meta["scaling_factor"] == 0.18215 and meta["flips"] == 2
-  lat = data.create_source(_cfg(name="latents", path=str(tmp_path / "out"), image_size=0))
-  batch = data.Pipeline(lat, 8, seed=0, sharding=_mesh_sharding()).batch(0)
+  lat = sources.create_source(_cfg(name="latents", path=str(tmp_path / "out"), image_size=0))
+  batch = pipeline.Pipeline(lat, 8, seed=0, sharding=_mesh_sharding()).batch(0)
   assert batch["image"].shape == (8, 8, 8, 4) and np.isfinite(np.asarray(batch["image"])).all()

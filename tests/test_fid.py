@@ -8,6 +8,7 @@ import torch
 from pytorch_fid import fid_score
 from sklearn.neighbors import NearestNeighbors
 
+from dit_jax import datasets
 from dit_jax import evaluators
 from dit_jax import feature_net
 from dit_jax import fid
@@ -135,10 +136,12 @@ def test_reference_cache_and_adm_files(tmp_path):
 @pytest.fixture(scope="module")
 def mnist_net(shared_data, tmp_path_factory):
   """MNIST t10k, and the MNIST CNN trained (default settings) into a fresh cache dir."""
-  images, labels, split = feature_net.read_labelled("mnist", shared_data / "mnist", 28)
+  # The shared data has only the test split; the data config's split rule reads no other.
+  images, labels, split = feature_net.read_labelled("mnist", shared_data / "mnist", 28, 0, "test")
   assert split == "t10k" and images.shape == (10000, 28, 28, 1)
   cache = tmp_path_factory.mktemp("fid_cache")
-  config = {"name": "mnist", "path": str(shared_data / "mnist"), "image_size": 28, "channels": 0}
+  config = {"name": "mnist", "path": str(shared_data / "mnist"), "image_size": 28, "channels": 0,
+            "split": "test"}
   name, feature_fn = fid.feature_network(config, "auto", cache_dir=cache, log=None)
   _, meta = feature_net.load(feature_net.cache_path(cache, "mnist", 28))
   return images, labels, name, feature_fn, meta, cache, config
@@ -161,7 +164,7 @@ def test_fid_sanity_on_mnist_and_cifar(mnist_net, shared_data):
   feats_a, feats_b = pool(half_a), pool(half_b)
   fid_halves = _fid(feats_a, feats_b)
 
-  cifar, _ = feature_net.datasets.read_image_folder(shared_data / "cifar10_test_jpg" / "test", 1)
+  cifar, _ = datasets.read_image_folder(shared_data / "cifar10_test_jpg" / "test", 1)
   cifar = feature_net.resize_images(cifar[::2], 28)  # greyscale, 5000 images, 28x28
   fid_cifar = _fid(feats_a, pool(cifar))
   assert fid_halves < 0.05 * fid_cifar, (fid_halves, fid_cifar)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dit_jax import checkpoint as checkpoint_lib
-from dit_jax import data as data_lib
+from dit_jax import pipeline as pipeline_lib
 from dit_jax import diffusion as diffusion_lib
 from dit_jax import sharding
 from dit_jax import models
@@ -112,14 +112,14 @@ def test_the_pure_half_runs_without_tensorflow_clu_or_orbax():
 
 def _inject_nan(monkeypatch, steps):
   """Makes the pipeline's batches at `steps` carry a NaN pixel."""
-  original = data_lib.Pipeline.to_device
+  original = pipeline_lib.Pipeline.to_device
 
   def to_device(self, step, x, labels):
     out = original(self, step, x, labels)
     if step in steps:
       out["image"] = out["image"].at[0, 0, 0, 0].set(jnp.nan)
     return out
-  monkeypatch.setattr(data_lib.Pipeline, "to_device", to_device)
+  monkeypatch.setattr(pipeline_lib.Pipeline, "to_device", to_device)
 
 
 def test_loop_logs_skips_nan_and_writes_grid(tmp_path, monkeypatch):

@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import data
 from dit_jax import datasets
+from dit_jax import latent_format
+from dit_jax import pipeline
+from dit_jax import sources
 from dit_jax import vae as vae_lib
 
 _SHARED = flags.DEFINE_string("shared_data", "/work/shared/data", "MNIST / CIFAR-10 test data.")
@@ -30,14 +32,14 @@ _VAE_IMAGES = flags.DEFINE_integer("vae_images", 8, "Images encoded per extracti
 
 
 def _cfg(**kw):
-  cfg = data.default_data_config()
+  cfg = sources.default_data_config()
   cfg.update(kw)
   return cfg
 
 
 def bench_pipeline(source, batch_size, steps):
   """Steady-state images/s of Pipeline.batch on the default device."""
-  pipe = data.Pipeline(source, batch_size, seed=0)
+  pipe = pipeline.Pipeline(source, batch_size, seed=0)
   jax.block_until_ready(pipe.batch(0))
   t0 = time.perf_counter()
   for step in range(1, steps + 1):
@@ -57,8 +59,8 @@ def bench_extraction(source, size, batch, num_images, tmp):
   encode_fn = lambda x: encode(params, x)
   jax.block_until_ready(encode_fn(np.zeros((batch, size, size, 3), np.float32)))  # compile
   t0 = time.perf_counter()
-  data.write_latents(source, encode_fn, tmp, shard_size=num_images, batch_size=batch,
-                     progress=False, meta_extra={"scaling_factor": cfg.scaling_factor})
+  latent_format.write_latents(source, encode_fn, tmp, shard_size=num_images, batch_size=batch,
+                              progress=False, meta_extra={"scaling_factor": cfg.scaling_factor})
   return num_images / (time.perf_counter() - t0)
 
 
@@ -82,35 +84,35 @@ def main(argv):
     print(rows[-1], flush=True)
     return src
 
-  add("digits (sklearn 8x8 -> 32)", lambda: data.create_source(_cfg(image_size=32)))
-  mnist = add("mnist idx.gz (test, 28)", lambda: data.create_source(
+  add("digits (sklearn 8x8 -> 32)", lambda: sources.create_source(_cfg(image_size=32)))
+  mnist = add("mnist idx.gz (test, 28)", lambda: sources.create_source(
       _cfg(name="mnist", path=str(shared / "mnist"), split="test", image_size=28)))
   cifar_cfg = _cfg(name="cifar10", path=str(shared / "cifar10_test_jpg"), split="test",
                    image_size=32)
-  cifar = add("cifar10 JPEG folder, decoded once (32)", lambda: data.create_source(cifar_cfg))
-  add("cifar10 JPEG folder, lazy decode (32)", lambda: data.create_source(
+  cifar = add("cifar10 JPEG folder, decoded once (32)", lambda: sources.create_source(cifar_cfg))
+  add("cifar10 JPEG folder, lazy decode (32)", lambda: sources.create_source(
       _cfg(**{**cifar_cfg.to_dict(), "max_in_memory_gb": 0.0})))
-  add("cifar10 JPEG folder, lazy decode + ADM resize (256)", lambda: data.create_source(
+  add("cifar10 JPEG folder, lazy decode + ADM resize (256)", lambda: sources.create_source(
       _cfg(**{**cifar_cfg.to_dict(), "max_in_memory_gb": 0.0, "image_size": 256})))
   datasets.write_npz(tmp / "mnist.npz", mnist.images, mnist.labels)
-  add("npz (mnist test, 28)", lambda: data.create_source(
+  add("npz (mnist test, 28)", lambda: sources.create_source(
       _cfg(name="npz", path=str(tmp / "mnist.npz"), image_size=28)))
   # Latents at DiT's ImageNet-256 shape (32x32x4, mean+logvar, 2 flips), 4096 examples. The
   # shard contents come from a cheap stand-in encoder (8x8 average pool): reading and posterior
   # sampling cost does not depend on the values.
-  big = data.create_source(_cfg(**{**cifar_cfg.to_dict(), "image_size": 256,
-                                   "max_in_memory_gb": 0.0, "max_examples": 4096}))
+  big = sources.create_source(_cfg(**{**cifar_cfg.to_dict(), "image_size": 256,
+                                      "max_in_memory_gb": 0.0, "max_examples": 4096}))
   pool = lambda x: (x.reshape(x.shape[0], 32, 8, 32, 8, 3).mean((2, 4)) @ np.ones((3, 4)) / 3,
                     np.full(x.shape[:1] + (32, 32, 4), -10.0, np.float32))
-  data.write_latents(big, pool, tmp / "latents", shard_size=1024, batch_size=256,
-                     progress=False, meta_extra={"scaling_factor": 0.18215})
-  add("latents 32x32x4 (mmap .npy, posterior sample)", lambda: data.create_source(
+  latent_format.write_latents(big, pool, tmp / "latents", shard_size=1024, batch_size=256,
+                              progress=False, meta_extra={"scaling_factor": 0.18215})
+  add("latents 32x32x4 (mmap .npy, posterior sample)", lambda: sources.create_source(
       _cfg(name="latents", path=str(tmp / "latents"), image_size=256)))
 
   ext = []
   for size in map(int, _VAE_SIZES.value):
-    src = data.create_source(_cfg(**{**cifar_cfg.to_dict(), "image_size": size,
-                                     "max_examples": _VAE_IMAGES.value}))
+    src = sources.create_source(_cfg(**{**cifar_cfg.to_dict(), "image_size": size,
+                                        "max_examples": _VAE_IMAGES.value}))
     ips = bench_extraction(src, size, _VAE_BATCH.value, _VAE_IMAGES.value, tmp / f"ext{size}")
     ext.append((f"SD VAE encode, {size}px, both flips, batch {_VAE_BATCH.value}",
                 _VAE_IMAGES.value, f"{size // 8}x{size // 8}x4", f"{ips:.2f}"))

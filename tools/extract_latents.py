@@ -5,8 +5,9 @@ r"""Encodes a dataset once with the SD VAE into the shards the "latents" data so
 
 Each example is stored twice (as is and mirrored) as the posterior's parameters, mean and logvar
 (not a sample): DiT trains on a fresh posterior SAMPLE * 0.18215 every time it sees an image, so
-the sampling happens at train time (data.Pipeline) from (seed, step). Resumable: finished shards
-are skipped. In a multi-process job every process writes its own shards (one writer per process).
+the sampling happens at train time (pipeline.Pipeline) from (seed, step). Resumable: finished
+shards are skipped. In a multi-process job every process writes its own shards (one writer per
+process).
 """
 import functools
 
@@ -17,10 +18,11 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from dit_jax import data
+from dit_jax import latent_format
+from dit_jax import sources
 from dit_jax import vae as vae_lib
 
-_DATA = config_flags.DEFINE_config_dict("data", data.default_data_config(), "Images to encode.")
+_DATA = config_flags.DEFINE_config_dict("data", sources.default_data_config(), "Images to encode.")
 _VAE = flags.DEFINE_string("vae", "checkpoints/sd-vae-ft-ema",
                            "diffusers-format VAE folder (config.json + weights).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for meta.json and shards.", required=True)
@@ -63,11 +65,11 @@ def run(data_cfg, vae_path, out, batch_size, shard_size, dtype="float32", flips=
   if data_cfg.image_size % factor:
     raise ValueError(f"data.image_size={data_cfg.image_size} must be a multiple of the VAE's "
                      f"downsampling factor {factor}")
-  source = data.create_source(data_cfg)
+  source = sources.create_source(data_cfg)
   if source.image_shape[-1] != model.config.in_channels:
     raise ValueError(f"the VAE takes {model.config.in_channels}-channel images, the source gives "
                      f"{source.image_shape[-1]}; set data.channels={model.config.in_channels}")
-  return data.write_latents(
+  return latent_format.write_latents(
       source, make_encoder(model, params, batch_size), out, shard_size=shard_size,
       batch_size=batch_size, dtype=np.dtype(dtype), flips=flips, progress=progress,
       meta_extra=dict(scaling_factor=model.config.scaling_factor, vae=str(vae_path),

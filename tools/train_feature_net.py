@@ -1,6 +1,7 @@
-"""Trains the dataset's own FID feature network (dit_jax.feature_net) and caches it.
+r"""Trains the dataset's own FID feature network (dit_jax.feature_net) and caches it.
 
-  python tools/train_feature_net.py --dataset mnist --path /work/shared/data/mnist --image_size 28
+  python tools/train_feature_net.py --dataset mnist --path /work/shared/data/mnist --split test \
+      --image_size 28
   python tools/train_feature_net.py --dataset digits --image_size 16
 
 The net is cached as <cache_dir>/feature_net_<dataset>_<image_size>.npz (cache_dir defaults to
@@ -17,11 +18,13 @@ from dit_jax import inception
 def main(argv=None) -> dict:
   """Parses flags, trains (or loads with --no-retrain), prints the test accuracy; returns meta."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", required=True, help="digits | mnist | cifar10 | folder | npz")
+  p.add_argument("--dataset", required=True,
+                 help="a data.name: digits | mnist | cifar10 | folder | npz (mnist/cifar10 without "
+                      "--path: TFDS)")
   p.add_argument("--path", default="", help="data files (mnist idx.gz dir, class folders, .npz)")
   p.add_argument("--image_size", type=int, required=True, help="resolution the net sees (px)")
   p.add_argument("--channels", type=int, default=0, help="0 = the dataset's own; 1 or 3 converts")
-  p.add_argument("--split", default="train", help="split to train on (mnist falls back to t10k)")
+  p.add_argument("--split", default="train", help="split to train on, as data.split reads it")
   p.add_argument("--cache_dir", default="", help="default: $DIT_JAX_CACHE or ~/.cache/dit_jax")
   p.add_argument("--steps", type=int, default=300, help="Adam steps")
   p.add_argument("--batch_size", type=int, default=64)
