@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
+from dit_jax import files
 from dit_jax import sources
 
 Dtype = Any
@@ -131,28 +133,18 @@ def train(images: np.ndarray, labels: np.ndarray, *, num_classes: int | None = N
 
 def save(path, variables, meta) -> None:
   """Writes variables (params and batch_stats, flattened) and meta to one .npz."""
-  flat = {"/".join(k.key for k in kp): np.asarray(v)
-          for kp, v in jax.tree_util.tree_leaves_with_path(variables)}
+  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, __meta__=np.array(json.dumps(meta)), **flat)
-  tmp.rename(path)
+  files.atomic_save_npz(path, __meta__=np.array(json.dumps(meta)), **flat)
 
 
 def load(path):
   """Reads what `save` wrote: (variables, meta)."""
   with np.load(path) as f:
     meta = json.loads(str(f["__meta__"]))
-    variables = {}
-    for key in f.files:
-      if key == "__meta__":
-        continue
-      node = variables
-      *parents, leaf = key.split("/")
-      for part in parents:
-        node = node.setdefault(part, {})
-      node[leaf] = f[key]
+    variables = traverse_util.unflatten_dict({k: f[k] for k in f.files if k != "__meta__"},
+                                             sep="/")
   return variables, meta
 
 

@@ -21,6 +21,7 @@ from scipy import linalg
 from tqdm.auto import tqdm
 
 from dit_jax import feature_net
+from dit_jax import files
 from dit_jax import inception
 
 FeatureFn = Callable[[jax.Array], dict]
@@ -141,9 +142,7 @@ class Reference:
       arrays["features"] = self.features
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.rename(path)
+    files.atomic_save_npz(path, **arrays)
 
 
 def compute_reference(feature_name: str, feature_fn: FeatureFn, images_u8: np.ndarray,

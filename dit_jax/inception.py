@@ -25,6 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+
+from dit_jax import files
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -332,15 +335,7 @@ def load_params(weights=None, cache_dir=None, download: bool = True) -> dict:
   npz = path if path.suffix == ".npz" else path.with_suffix(".flax.npz")
   if npz.exists():
     with np.load(npz) as f:
-      flat = dict(f)
-    params = {}
-    for key, value in flat.items():
-      node = params
-      *parents, leaf = key.split("/")
-      for part in parents:
-        node = node.setdefault(part, {})
-      node[leaf] = value
-    return params
+      return traverse_util.unflatten_dict(dict(f), sep="/")
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -348,9 +343,8 @@ def load_params(weights=None, cache_dir=None, download: bool = True) -> dict:
                       f"then cached at {npz}") from e
   state_dict = torch.load(path, map_location="cpu", weights_only=True)
   params = params_from_torch_state_dict(state_dict)
-  flat = {"/".join(k.key for k in kp): v for kp, v in jax.tree_util.tree_leaves_with_path(params)}
   try:
-    np.savez(npz, **flat)
+    files.atomic_save_npz(npz, **traverse_util.flatten_dict(params, sep="/"))
   except OSError:
     pass  # a read-only weights folder only costs a re-conversion next time
   return params

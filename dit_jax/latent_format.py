@@ -5,11 +5,12 @@ Written once by `write_latents` (tools/extract_latents.py), read back by the "la
 [n, F, h, w, 2c] (mean || logvar of the image, with F=2 also of its mirror image), labels int32 [n].
 """
 import json
-import os
 import pathlib
 from typing import Optional
 
 import numpy as np
+
+from dit_jax import files
 
 LATENTS_FORMAT = "dit_jax.latents.v1"
 
@@ -82,9 +83,7 @@ def write_latents(source, encode_fn, directory, *, shard_size: int, batch_size: 
       raise ValueError(f"{directory} holds latents of another extraction (old, new): {diff}; "
                        "use a new --out directory")
   elif process_index == 0:
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    files.atomic_write_text(meta_path, json.dumps(meta, indent=1))
   mine = [s for s in range(num_shards) if s % process_count == process_index]
   todo = [s for s in mine if not all((directory / f).is_file() for f in shard_names(s, num_shards))]
   total = sum(min(n, (s + 1) * shard_size) - s * shard_size for s in todo)
@@ -108,8 +107,6 @@ def write_latents(source, encode_fn, directory, *, shard_size: int, batch_size: 
       out[start - lo:start - lo + len(idx)] = block
       bar.update(len(idx))
     for name, arr in zip(shard_names(s, num_shards), (out, labels)):
-      tmp = directory / (name + ".tmp.npy")
-      np.save(tmp, arr)
-      os.replace(tmp, directory / name)
+      files.atomic_save_npy(directory / name, arr)
   bar.close()
   return meta

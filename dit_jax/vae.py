@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 SD_SCALING_FACTOR = 0.18215
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -272,12 +273,6 @@ class AutoencoderKL(nn.Module):
     return self.decode(mean)
 
 
-def posterior_sample(rng, mean, logvar):
-  """z = mean + exp(logvar / 2) * eps, the DiagonalGaussianDistribution.sample of diffusers."""
-  eps = jax.random.normal(rng, mean.shape, jnp.float32)
-  return mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps
-
-
 def _read_state_dict(path: pathlib.Path) -> dict:
   if path.suffix == ".safetensors":
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
@@ -313,7 +308,7 @@ def convert_state_dict(state_dict: dict, config: VAEConfig) -> dict:
   size = 8 * config.downsample_factor
   shapes = nn.unbox(jax.eval_shape(
       model.init, jax.random.key(0), jnp.zeros((1, size, size, config.in_channels))))["params"]
-  flat_shapes = {k: v.shape for k, v in _flatten(shapes).items()}
+  flat_shapes = {k: v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
   flat_params, unused = {}, []
   for name, value in state_dict.items():
     if ".Conv2d_0." in name:  # diffusers aliases a down/upsampler conv under this second name
@@ -337,7 +332,7 @@ def convert_state_dict(state_dict: dict, config: VAEConfig) -> dict:
   if missing or unused:
     raise ValueError(f"checkpoint does not match the config: missing {missing[:8]} "
                      f"({len(missing)} in all), unexpected {unused[:8]} ({len(unused)} in all)")
-  return _unflatten(flat_params)
+  return traverse_util.unflatten_dict(flat_params)
 
 
 def load_pretrained(path, dtype=jnp.float32):
@@ -353,23 +348,3 @@ def load_pretrained(path, dtype=jnp.float32):
   params = convert_state_dict(_read_state_dict(weight_file), config)
   params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
   return AutoencoderKL(config, dtype=dtype), params
-
-
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
