@@ -73,10 +73,7 @@ def _spearman(x, y) -> float:
   return float(_rank_corr(stats.rankdata(x), stats.rankdata(y))) if len(x) >= 3 else NAN
 
 
-# ---------------------------------------------------------------------------------------------
-# Rank correlation
-
-
+# --- Rank correlation ---
 def spearman_with_ci(x_M, y_MxS, n_boot: int = 2000, ci: float = 0.9, seed: int = 0) -> dict:
   """Spearman rho of x vs the seed-mean of y, CI by resampling each member's seeds independently.
 
@@ -106,10 +103,7 @@ def spearman_with_ci(x_M, y_MxS, n_boot: int = 2000, ci: float = 0.9, seed: int 
   return dict(rho=rho, lo=lo, hi=hi, per_seed=per_seed)
 
 
-# ---------------------------------------------------------------------------------------------
-# Power law y = e + a C^-b
-
-
+# --- Power law y = e + a C^-b ---
 def _fit_loglog(x, ly):
   """OLS of log y on x = log(C/C0): returns (log a', b) with y = a' (C/C0)^-b."""
   xm = x.mean()
@@ -128,14 +122,10 @@ def _fit_offset(x, ly, starts):
     m = p[2] + t
     return np.stack([t / m, -x * t / m, 1.0 / m], axis=1)
 
-  best = None
-  for p0 in starts:
-    # b >= 0: with a growing power term there is no asymptote e to estimate
-    r = optimize.least_squares(resid, p0, jac=jac, bounds=([-np.inf, 0.0, 0.0], np.inf),
-                               x_scale="jac")
-    if best is None or r.cost < best.cost:
-      best = r
-  return best.x
+  # b >= 0: with a growing power term there is no asymptote e to estimate
+  fits = [optimize.least_squares(resid, p0, jac=jac, bounds=([-np.inf, 0.0, 0.0], np.inf),
+                                 x_scale="jac") for p0 in starts]
+  return min(fits, key=lambda r: r.cost).x
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -172,9 +162,9 @@ class PowerLawFit:
       half = stats.t.ppf(0.5 + ci / 2, self.n - p) * se
       mid = np.log(self.predict(C))
       return np.exp(mid - half), np.exp(mid + half)
-    # each replicate's prediction plus one residual of that replicate's fit, taken over all the
-    # original points: in-bag residuals alone are overfit (0.825 coverage vs 0.85 at n=12 over 600
-    # draws; the t interval gets 0.90), inflated by sqrt(n/(n-p)) for the fitted dof
+    # each replicate's prediction plus one residual of that replicate's fit over all the original
+    # points, inflated by sqrt(n/(n-p)) for the fitted dof; in-bag residuals alone are overfit
+    # (coverage 0.825 with them, 0.85 with all points, 0.90 for the t interval; n=12, 600 draws)
     rng = np.random.default_rng(seed)
     bt = self.boot[np.isfinite(self.boot).all(axis=1)]
     Cd, yd = self.data
@@ -208,8 +198,9 @@ def fit_power_law(C_N, y_N, offset: bool = False, n_boot: int = 1000, ci: float 
   independent points) and otherwise the bootstrap: replicate prediction plus a replicate residual,
   which undercovers at small n (about 0.84 for a nominal 0.90 at n=12-20).
   """
-  C = np.asarray(C_N, float)
-  y = np.asarray(y_N, float)
+  if pi_method not in ("auto", "t", "bootstrap") or (pi_method == "t" and offset):
+    raise ValueError(f"pi_method {pi_method!r}: 'auto', 'bootstrap', or 't' without offset")
+  C, y = (np.asarray(v, float) for v in (C_N, y_N))
   ok = np.isfinite(C) & np.isfinite(y) & (C > 0) & (y > 0)
   C, y = C[ok], y[ok]
   groups = None if groups is None else np.asarray(groups)[ok]
@@ -250,35 +241,27 @@ def fit_power_law(C_N, y_N, offset: bool = False, n_boot: int = 1000, ci: float 
       boot[i] = [math.exp(qi[0]) * c0 ** qi[1], qi[1], qi[2]]
   if pi_method == "auto":
     pi_method = "t" if (not offset and groups is None) else "bootstrap"
-  if pi_method not in ("t", "bootstrap") or (pi_method == "t" and offset):
-    raise ValueError(f"pi_method {pi_method!r}: 'auto', 'bootstrap', or 't' without offset")
-  a = math.exp(q[0]) * c0 ** q[1]
   return PowerLawFit(
-      a=a, b=float(q[1]), e=float(q[2]), a_ci=_interval(boot[:, 0], ci),
-      b_ci=_interval(boot[:, 1], ci), e_ci=_interval(boot[:, 2], ci), n=n, r2=float(r2),
-      resid_sd=resid_sd, ci=ci, offset=offset, pi_method=pi_method, boot=boot,
-      data=(C, y))
+      a=math.exp(q[0]) * c0 ** q[1], b=float(q[1]), e=float(q[2]),
+      a_ci=_interval(boot[:, 0], ci), b_ci=_interval(boot[:, 1], ci),
+      e_ci=_interval(boot[:, 2], ci), n=n, r2=float(r2), resid_sd=resid_sd, ci=ci, offset=offset,
+      pi_method=pi_method, boot=boot, data=(C, y))
 
 
-# ---------------------------------------------------------------------------------------------
-# Frontier and iso-FLOP planning
-
-
+# --- Frontier and iso-FLOP planning ---
 def frontier(C_N, y_N) -> np.ndarray:
   """Indices of the lower envelope: points with no other C' <= C and y' < y, sorted by C."""
-  C = np.asarray(C_N, float)
-  y = np.asarray(y_N, float)
+  C, y = (np.asarray(v, float) for v in (C_N, y_N))
   idx = np.flatnonzero(np.isfinite(C) & np.isfinite(y))
   order = idx[np.lexsort((y[idx], C[idx]))]
-  cs, ys = C[order], y[order]
-  best = np.minimum.accumulate(ys)
-  # the best y over C' <= C must include the points tied at C, i.e. run to the last of the tie
-  last = np.searchsorted(cs, cs, side="right") - 1
-  return order[ys <= best[last]]
+  ys = y[order]
+  # sorted by C then y, the running minimum at a point already covers every point with C' <= C
+  # (those tied at C with a lower y come first), so a point is kept iff it is that minimum
+  return order[ys <= np.minimum.accumulate(ys)]
 
 
 def isoflop_plan(budgets_gflops, model_gflops: dict, batch_size: int) -> list:
-  """Steps per (budget, model): training compute = 3 × forward Gflops × images (DiT convention)."""
+  """Steps per (budget, model), training compute = 3 × forward Gflops × images (DiT paper)."""
   plan = []
   for budget in budgets_gflops:
     for name, g in model_gflops.items():
@@ -291,10 +274,7 @@ def isoflop_plan(budgets_gflops, model_gflops: dict, batch_size: int) -> list:
   return plan
 
 
-# ---------------------------------------------------------------------------------------------
-# Parametric L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla Approach 3, Besiroglu et al. 2024)
-
-
+# --- Parametric L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla Approach 3) ---
 def _huber_obj(theta, xn, xd, ll, delta):
   """Sum of Huber(delta) of log-L residuals / delta, and its gradient; theta rows broadcast."""
   a, b, e, al, be = (theta[..., j:j + 1] for j in range(5))
@@ -361,17 +341,14 @@ def fit_chinchilla(N_R, D_R, L_R, groups=None, n_boot: int = 1000, ci: float = 0
 
 
 def _n_opt(row, C, k: float):
-  """Loss-minimising N at compute C = k·N·D: G·(C/k)^(β/(α+β)) with G = (αA/(βB))^(1/(α+β))."""
+  """argmin_N L at compute C = k·N·D: G·(C/k)^(β/(α+β)), G = (αA/(βB))^(1/(α+β))."""
   _, A, alpha, B, beta = row[:5]
   with np.errstate(all="ignore"):  # a bootstrap replicate at alpha = beta = 0 gives NaN
     G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
     return G * (np.asarray(C, float) / k) ** (beta / (alpha + beta))
 
 
-# ---------------------------------------------------------------------------------------------
-# Iso-FLOP optimum: parametric (default) and per-budget parabolas (Chinchilla Approach 2)
-
-
+# --- Iso-FLOP optimum: parametric (default) and per-budget parabolas (Chinchilla Approach 2) ---
 def _vertex(u, L):
   """Quadratic fit of L on u: (vertex u*, curvature c2, fitted values); u* NaN unless c2 > 0."""
   um = u.mean()  # centred, for conditioning
@@ -379,36 +356,38 @@ def _vertex(u, L):
   return (um - c1 / (2 * c2) if c2 > 0 else NAN), c2, np.polyval([c2, c1, c0], u - um)
 
 
-def _parabolas(budget, logn, L, seeds, n_boot, ci, rng):
+def _parabolas(budget, logn, L, n_boot, ci, rng):
   """Per budget: vertex of L vs log N, its bootstrap replicates, and whether it is bracketed."""
   rows = []
   for c in np.unique(budget):
     sel = np.flatnonzero(budget == c)
-    u, l = logn[sel], L[sel]
+    u, loss = logn[sel], L[sel]
     row = dict(budget=float(c), n_points=len(sel), bracketed=False, n_opt=NAN,
                n_opt_ci=(NAN, NAN), vertex=NAN, curvature=NAN, boot=np.full(n_boot, NAN))
     rows.append(row)
     if len(np.unique(u)) < 3:
       continue
-    v, c2, fitted = _vertex(u, l)
+    v, c2, fitted = _vertex(u, loss)
     row.update(vertex=float(np.exp(v)) if np.isfinite(v) else NAN, curvature=float(c2))
     # bracketed: the vertex lies inside the sampled sizes AND the lowest (seed-mean) loss is at an
     # interior size; on a grid wholly to one side of the optimum the curve is monotone, yet a
     # parabola through it can still put its vertex inside the range (seen at 8x-512x off)
     sizes, inv = np.unique(u, return_inverse=True)
-    lowest = np.argmin(np.bincount(inv, l) / np.bincount(inv))
+    lowest = np.argmin(np.bincount(inv, loss) / np.bincount(inv))
     row["bracketed"] = bool(np.isfinite(v) and u.min() <= v <= u.max()
                             and 0 < lowest < len(sizes) - 1)
-    sd = None if seeds is None else seeds[sel]
-    if sd is not None and len(np.unique(sd)) >= 2:
-      # whole seeds (all sizes of one seed) are resampled together: the design keeps every size
-      draw = _resampler(len(sel), sd)
-      boot = [_vertex(u[i], l[i])[0] if len(np.unique(u[i])) >= 3 else NAN
-              for i in (draw(rng) for _ in range(n_boot))]
+    cells = [np.flatnonzero(inv == j) for j in range(len(sizes))]
+    if max(map(len, cells)) >= 2:
+      # repeated runs (seeds) of one size: resample them within their cell, so every size stays
+      # in the design; a size run once is held fixed (as in spearman_with_ci)
+      boot = []
+      for _ in range(n_boot):
+        i = np.concatenate([cl[rng.integers(0, len(cl), len(cl))] for cl in cells])
+        boot.append(_vertex(u[i], loss[i])[0])
     elif len(sel) > 3:
       # one run per size: residual bootstrap on the fixed design (resampling 5 points would often
       # leave < 3 distinct sizes); residuals inflated by sqrt(n/(n-3)) for the fitted dof
-      res = (l - fitted) * math.sqrt(len(sel) / (len(sel) - 3))
+      res = (loss - fitted) * math.sqrt(len(sel) / (len(sel) - 3))
       boot = [_vertex(u, fitted + res[rng.integers(0, len(sel), len(sel))])[0]
               for _ in range(n_boot)]
     else:
@@ -421,25 +400,28 @@ def _parabolas(budget, logn, L, seeds, n_boot, ci, rng):
 
 
 @_one_blas_thread
-def isoflop_optimum(budget_R, n_R, loss_R, d_R=None, seed_R=None, groups=None,
+def isoflop_optimum(budget_R, n_R, loss_R, d_R=None, groups=None,
                     method: str = "parametric", n_boot: int = 1000, ci: float = 0.9,
                     seed: int = 0, delta: float = 1e-3, n_starts: int = 8) -> dict:
   """Optimal size N per iso-FLOP budget and the exponent a of N_opt ∝ C^a, by two methods.
 
-  'parametric' (default, Chinchilla Approach 3 as in Besiroglu et al. 2024): fit_chinchilla on all
-  runs with D = d_R (training images or steps) or, if None, budget/N (C ∝ N·D; the constant goes
-  into B), then a = beta/(alpha+beta) and N_opt(C) analytically, CIs from the same bootstrap. It
-  uses every run at once and makes no Taylor approximation, so it is not biased by a grid that is
-  wide, off-centre or asymmetric, which the parabola method is (Czech et al. 2026).
-  'parabola' (Approach 2): per budget a quadratic in log N, N_opt its vertex, reported (n_opt) only
-  when bracketed by the sampled sizes; a = OLS slope of log N_opt on log C over bracketed budgets.
-  Both are returned (keys 'parametric', 'parabola'); 'a' and 'a_ci' are those of `method`.
+  One row per run: budget (the iso-FLOP label, e.g. isoflop_plan's), N (forward Gflops or params),
+  final loss, and D (training images or steps; None: budget/N, as C ∝ N·D and the constant goes
+  into B). Repeated (budget, N) runs are seeds; `groups` clusters runs for the parametric bootstrap.
+  'parametric' (default; Chinchilla Approach 3 as in Besiroglu et al. 2024): fit_chinchilla on all
+  runs, a = beta/(alpha+beta), N_opt(C) analytically, CIs from the same bootstrap. It uses every
+  run at once and no Taylor approximation, so it is not biased by a grid that is wide, off-centre,
+  drifting or asymmetric, which the parabola method is (Czech et al. 2026).
+  'parabola' (Approach 2): per budget L quadratic in log N, CI by resampling seeds within each size
+  (or residuals with one run per size); n_opt is its vertex only when bracketed (vertex inside the
+  sizes and the lowest loss at an interior size), else NaN with the vertex kept as 'vertex'; a is
+  the OLS slope of log N_opt on log C over bracketed budgets, CI from the same replicates.
+  Returns dict(method, a, a_ci (those of `method`), parametric=..., parabola=...).
   """
   if method not in ("parametric", "parabola"):
     raise ValueError(f"method must be 'parametric' or 'parabola', got {method!r}")
   budget, N, L = (np.asarray(v, float) for v in (budget_R, n_R, loss_R))
   D = budget / N if d_R is None else np.asarray(d_R, float)
-  seeds = None if seed_R is None else np.asarray(seed_R)
   rng = np.random.default_rng(seed)
 
   par = fit_chinchilla(N, D, L, groups=groups, n_boot=n_boot, ci=ci, seed=seed, delta=delta,
@@ -452,7 +434,7 @@ def isoflop_optimum(budget_R, n_R, loss_R, d_R=None, seed_R=None, groups=None,
            n_opt_ci=_interval([_n_opt(r, c, k) for r in par["boot"]], ci))
       for c in np.unique(budget)]
 
-  rows = _parabolas(budget, np.log(N), L, seeds, n_boot, ci, rng)
+  rows = _parabolas(budget, np.log(N), L, n_boot, ci, rng)
   used = [r for r in rows if r["bracketed"]]
   pb = dict(per_budget=rows, n_budgets=len(used), a=NAN, a_ci=(NAN, NAN))
   if len(used) >= 2:

@@ -214,3 +214,34 @@ def test_isoflop_off_centre_grid_is_flagged(centre):
                for row in rows)
   assert r["parabola"]["n_budgets"] == 0 and math.isnan(r["a"])
   assert r["method"] == "parabola" and abs(r["parametric"]["a"] - A_TRUE) < 0.03
+
+
+def test_isoflop_drifting_grid_biases_parabola_not_parametric():
+  # grid centres drift 2x smaller per decade of compute (noise-free): each parabola's vertex is
+  # pulled a different amount, so its exponent is off; the parametric fit is exact
+  parts = [_isoflop_runs(centre=2.0 ** -i, noise=0.0, budgets=(c,))
+           for i, c in enumerate((1e8, 1e9, 1e10, 1e11))]
+  c, n, d, loss = np.concatenate(parts, axis=1)
+  r = sf.isoflop_optimum(c, n, loss, d_R=d, n_boot=10)
+  assert r["parabola"]["n_budgets"] == 3  # the 8x-off budget is flagged, not used
+  assert abs(r["parabola"]["a"] - A_TRUE) > 0.04
+  assert abs(r["a"] - A_TRUE) < 1e-4
+
+
+def test_isoflop_seeds_and_default_d():
+  # 3 seeds per (budget, size): the parabola bootstrap resamples seeds within each size
+  runs = [_isoflop_runs(seed=s, noise=0.01, budgets=(1e8, 1e9, 1e10)) for s in range(3)]
+  c, n, d, loss = np.concatenate(runs, axis=1)
+  r = sf.isoflop_optimum(c, n, loss, n_boot=60)
+  pb = r["parabola"]
+  assert pb["n_budgets"] == 3 and abs(pb["a"] - A_TRUE) < 0.05 and pb["boot_valid"] == 1.0
+  assert pb["a_ci"][0] < A_TRUE < pb["a_ci"][1] and pb["a_ci"][1] - pb["a_ci"][0] < 0.05
+  assert abs(r["a"] - A_TRUE) < 0.03 and r["a_ci"][0] < A_TRUE < r["a_ci"][1]
+  # D defaults to budget/N: the same fit up to the constant k (here 1 instead of 3)
+  assert r["parametric"]["k"] == pytest.approx(1.0)
+  r3 = sf.isoflop_optimum(c, n, loss, d_R=c / (3 * n), n_boot=5)
+  assert r3["parametric"]["k"] == pytest.approx(3.0)
+  r1 = sf.isoflop_optimum(c, n, loss, n_boot=5)
+  assert r1["a"] == pytest.approx(r3["a"], abs=1e-6)
+  for u, v in zip(r1["parametric"]["per_budget"], r3["parametric"]["per_budget"]):
+    assert u["n_opt"] == pytest.approx(v["n_opt"], rel=1e-4)
