@@ -311,6 +311,8 @@ def fit_chinchilla(N_R, D_R, L_R, groups=None, n_boot: int = 1000, ci: float = 0
   0..2, 5 x e, 6 x a and b) is placed around the median log L in those units, so one grid serves
   Gflops or parameters alike. The whole grid is scored and L-BFGS runs from the n_starts best
   (a shortcut, not in the paper); each bootstrap replicate starts from the full-data optimum.
+  Returns dict(E, A, alpha, B, beta, a = beta/(alpha+beta), each with <name>_ci, n, objective,
+  boot = (n_boot, 6) replicates of those six in that order).
   """
   N, D, L = (np.asarray(v, float) for v in (N_R, D_R, L_R))
   n0, d0 = math.exp(np.log(N).mean()), math.exp(np.log(D).mean())
@@ -422,6 +424,9 @@ def isoflop_optimum(budget_R, n_R, loss_R, d_R=None, groups=None,
     raise ValueError(f"method must be 'parametric' or 'parabola', got {method!r}")
   budget, N, L = (np.asarray(v, float) for v in (budget_R, n_R, loss_R))
   D = budget / N if d_R is None else np.asarray(d_R, float)
+  ok = np.isfinite(L) & (L > 0)  # a failed run (NaN loss) carries no information
+  budget, N, L, D = budget[ok], N[ok], L[ok], D[ok]
+  groups = None if groups is None else np.asarray(groups)[ok]
   rng = np.random.default_rng(seed)
 
   par = fit_chinchilla(N, D, L, groups=groups, n_boot=n_boot, ci=ci, seed=seed, delta=delta,

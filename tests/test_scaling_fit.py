@@ -232,8 +232,10 @@ def test_isoflop_seeds_and_default_d():
   # 3 seeds per (budget, size): the parabola bootstrap resamples seeds within each size
   runs = [_isoflop_runs(seed=s, noise=0.01, budgets=(1e8, 1e9, 1e10)) for s in range(3)]
   c, n, d, loss = np.concatenate(runs, axis=1)
+  loss[5] = np.nan  # a failed run is dropped
   r = sf.isoflop_optimum(c, n, loss, n_boot=60)
   pb = r["parabola"]
+  assert r["parametric"]["n"] == len(loss) - 1
   assert pb["n_budgets"] == 3 and abs(pb["a"] - A_TRUE) < 0.05 and pb["boot_valid"] == 1.0
   assert pb["a_ci"][0] < A_TRUE < pb["a_ci"][1] and pb["a_ci"][1] - pb["a_ci"][0] < 0.05
   assert abs(r["a"] - A_TRUE) < 0.03 and r["a_ci"][0] < A_TRUE < r["a_ci"][1]
