@@ -12,7 +12,7 @@ from dit_jax import datasets
 from dit_jax import evaluators
 from dit_jax import feature_net
 from dit_jax import fid
-from dit_jax import images
+from dit_jax import images as images_lib
 
 
 def _correlated(rng, n, d, shift=0.0):
@@ -87,9 +87,9 @@ def test_quantize_matches_dit_sample_ddp():
   x = np.concatenate([np.linspace(-1.2, 1.2, 5001), np.random.default_rng(3).uniform(-1, 1, 5000)])
   x = x.astype(np.float32)
   want = torch.clamp(127.5 * torch.from_numpy(x) + 128.0, 0, 255).to(torch.uint8).numpy()
-  np.testing.assert_array_equal(np.asarray(images.quantize(x)), want)
+  np.testing.assert_array_equal(np.asarray(images_lib.quantize(x)), want)
   u8 = np.arange(256, dtype=np.uint8)  # real images scaled to [-1, 1] come back unchanged
-  np.testing.assert_array_equal(np.asarray(images.quantize(jnp.asarray(u8 / 127.5 - 1.0))), u8)
+  np.testing.assert_array_equal(np.asarray(images_lib.quantize(jnp.asarray(u8 / 127.5 - 1.0))), u8)
 
 
 def _pool_feature_fn(images):
@@ -173,7 +173,7 @@ def test_fid_sanity_on_mnist_and_cifar(mnist_net, shared_data):
   noise = rng.normal(size=half_b.shape).astype(np.float32)
   fids = [fid_halves]
   for sigma in (0.05, 0.1, 0.2, 0.4, 0.8):  # in [-1, 1] units
-    noisy = np.asarray(images.quantize(half_b / 127.5 - 1.0 + sigma * noise))
+    noisy = np.asarray(images_lib.quantize(half_b / 127.5 - 1.0 + sigma * noise))
     fids.append(_fid(feats_a, pool(noisy)))
   assert all(b > a for a, b in zip(fids, fids[1:])), fids
   print(f"mnist_cnn: FID halves {fid_halves:.3f}, MNIST-CIFAR {fid_cifar:.1f}, noise {fids}")
