@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Callable, Optional
 
 import jax
@@ -115,6 +116,10 @@ def apply_last_step(flow: Flow, model_out, x, t, kind: Optional[str], size: floa
 
 # Argument checks (eager, with the names the caller used).
 
+def _real(v):
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _check_steps(num_steps):
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
@@ -122,7 +127,7 @@ def _check_steps(num_steps):
 
 
 def _check_shift(shift):
-  if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+  if not (_real(shift) and math.isfinite(shift) and shift > 0):
     raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
   return float(shift)
 
@@ -143,11 +148,11 @@ def _check_interval(interval):
 def _check_sde(flow, form, norm, kind, size):
   if form not in DIFFUSION_FORMS:
     raise ValueError(f"unknown diffusion_form {form!r}; use one of {DIFFUSION_FORMS}")
-  if not (isinstance(norm, (int, float)) and math.isfinite(norm) and norm >= 0):
+  if not (_real(norm) and math.isfinite(norm) and norm >= 0):
     raise ValueError(f"diffusion_norm must be a finite number >= 0, got {norm!r}")
   if kind not in LAST_STEPS:
     raise ValueError(f"unknown last_step {kind!r}; use one of {LAST_STEPS}")
-  if kind is not None and not (isinstance(size, (int, float)) and 0 < size < 1):
+  if kind is not None and not (_real(size) and 0 < size < 1):
     raise ValueError(f"last_step_size must be in (0, 1) with last_step={kind!r}, got {size!r}")
   t0, t1 = flow.sample_interval(sde=True, diffusion_form=form,
                                 last_step_size=size if kind is not None else 0.0)
@@ -231,7 +236,8 @@ def sde_sample(model_fn: Callable, flow: Flow, shape, rng: jax.Array, *, num_ste
 
   Defaults are SiT's sample.py SDE defaults (250 grid points, 'sigma' diffusion, 'Mean' last step
   of size 0.04). The grid spans flow.sample_interval(sde=True, ...) with num_steps + 1 points, then
-  `last_step` takes the final step to t = 1 (see `apply_last_step`).
+  `last_step` takes the final step to t = 1 (see `apply_last_step`). return_trajectory: also return
+  the states, x_init first and the last step's result last ([num_steps + 2, *shape] with one).
   """
   num_steps, shift = _check_steps(num_steps), _check_shift(shift)
   t0, t1 = _check_sde(flow, diffusion_form, diffusion_norm, last_step, last_step_size)
@@ -303,7 +309,7 @@ def make_flow_sample_fn(model, flow: Flow, *, method: str = "euler", num_steps: 
     raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
   _check_steps(num_steps)
   _check_shift(shift)
-  if not (isinstance(cfg_scale, (int, float)) and math.isfinite(cfg_scale)):
+  if not (_real(cfg_scale) and math.isfinite(cfg_scale)):
     raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
   guidance_interval = _check_interval(guidance_interval)
   if schedule not in SCHEDULES:
