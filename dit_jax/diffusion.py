@@ -52,9 +52,12 @@ def get_betas(schedule: str, timesteps: int) -> np.ndarray:
 def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:
   """ADM's respacing: the sorted original timesteps kept when taking `section_counts` steps.
 
-  `section_counts` is "N" (or an int) for N evenly spread steps including 0 and T - 1, "a,b,c" for
-  a, b, c steps from consecutive equal sections of [0, T), or "ddimN" for DDIM's integer stride.
+  `section_counts` is "" (or None) for no respacing (all T steps), "N" (or an int) for N evenly
+  spread steps including 0 and T - 1, "a,b,c" for a, b, c steps from consecutive equal sections of
+  [0, T), or "ddimN" for DDIM's integer stride.
   """
+  if section_counts is None or (isinstance(section_counts, str) and not section_counts.strip()):
+    return list(range(num_timesteps))
   if isinstance(section_counts, int):
     section_counts = [section_counts]
   elif isinstance(section_counts, str):
@@ -335,10 +338,7 @@ def create(schedule: str = "linear", timesteps: int = 1000,
     raise ValueError(f"timesteps must be an int >= 2, got {timesteps!r}")
   base_betas = get_betas(schedule, int(timesteps))
   base_abar = np.cumprod(1.0 - base_betas)
-  if respacing in ("", None):
-    kept = list(range(timesteps))
-  else:
-    kept = space_timesteps(int(timesteps), respacing)
+  kept = space_timesteps(int(timesteps), respacing)
   if len(kept) < 2:
     raise ValueError(f"respacing {respacing!r} keeps {len(kept)} step; keep at least 2")
   abar = base_abar[kept]

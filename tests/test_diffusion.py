@@ -73,6 +73,14 @@ def test_space_timesteps_sections_hand_derived():
   np.testing.assert_array_equal(dd.create(respacing="").timestep_map, np.arange(T))
 
 
+def test_space_timesteps_empty_means_no_respacing():
+  for empty in ("", " ", None):
+    assert dd.space_timesteps(T, empty) == list(range(T))
+    np.testing.assert_array_equal(dd.create(respacing=empty).timestep_map, np.arange(T))
+  assert dd.space_timesteps(T, "") == dd.space_timesteps(T, str(T)) == dd.space_timesteps(T, T)
+  np.testing.assert_array_equal(dd.create(respacing="").betas, dd.create().betas)
+
+
 def test_space_timesteps_bad_input():
   with pytest.raises(ValueError, match="cannot take"):
     dd.space_timesteps(T, "2000")
