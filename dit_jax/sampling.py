@@ -110,24 +110,31 @@ def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: i
 
   One batched call on [x; x] with [y; null]. `y` is any per-example conditioning [B, ...] (labels,
   text context) and `null_label` its unconditional value (DiT: num_classes), broadcast to y.
-  guide_channels=None guides all C channels of the prediction (the standard rule); the remaining
-  channels (the learned variance) come from the conditional half. guide_channels=3 reproduces the
-  official DiT sampler, which guides only channels 0-2 of the 4 latent channels (DiT#41): channel 3
-  is then the unguided conditional prediction.
+  guide_channels=None guides all C channels of the prediction (C = x's channels; the standard
+  rule); the remaining channels (the learned variance) come from the conditional half.
+  guide_channels=3 reproduces the official DiT sampler, which guides only channels 0-2 of the 4
+  latent channels (DiT#41): channel 3 is then the unguided conditional prediction. It must lie in
+  1..C: guiding the variance channels is not guidance.
   """
   y = jnp.asarray(y)
+  if guide_channels is not None and (int(guide_channels) != guide_channels or guide_channels < 1):
+    raise ValueError(f"guide_channels={guide_channels!r}: expected None or an int >= 1")
 
   def guided(x, t_B):
     b, c = x.shape[0], x.shape[-1]
     if y.shape[0] != b:
       raise ValueError(f"conditioning has batch {y.shape[0]} but x has batch {b}")
+    # The prediction has x's C channels; a learned-sigma model appends C variance channels.
+    if guide_channels is not None and guide_channels > c:
+      raise ValueError(f"guide_channels={guide_channels} outside [1, {c}]: only the C = {c} "
+                       "prediction channels (x's channels) can be guided, not the learned variance")
     n = c if guide_channels is None else int(guide_channels)
     null = jnp.broadcast_to(jnp.asarray(null_label, y.dtype), y.shape)
     out = model_fn_xty(jnp.concatenate([x, x]), jnp.concatenate([t_B, t_B]),
                        jnp.concatenate([y, null]))
-    if not 1 <= n <= out.shape[-1]:
-      raise ValueError(f"guide_channels={guide_channels} outside [1, {out.shape[-1]}] "
-                       "(the model's output channels)")
+    if out.shape[-1] not in (c, 2 * c):
+      raise ValueError(f"model output has {out.shape[-1]} channels; expected {c} (the "
+                       f"prediction) or {2 * c} (prediction and learned variance) for x's {c}")
     cond, uncond = out[:b], out[b:]
     mixed = uncond[..., :n] + scale * (cond[..., :n] - uncond[..., :n])
     return jnp.concatenate([mixed.astype(cond.dtype), cond[..., n:]], axis=-1)

@@ -405,3 +405,23 @@ def test_cfg_with_context_arrays():
     sampling.cfg_model_fn(_toy_xty, ctx[:1], null, 3.0)(x, t)
   with pytest.raises(ValueError, match="guide_channels"):
     sampling.cfg_model_fn(_toy_xty, ctx, null, 3.0, guide_channels=7)(x, t)
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_cfg_guide_channels_bounded_by_the_prediction_channels(learn_sigma):
+  """guide_channels in 1..C, C = x's (eps) channels; C+1 .. 2C would guide the learned variance."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal((2, 2, 2, 3)), jnp.float32)
+  t, y = jnp.array([1, 2]), jnp.array([4, 7])
+  xty = _toy_xty if learn_sigma else (lambda x, t, y: _toy_xty(x, t, y)[..., :3])
+  for n in (1, 3):
+    got = np.asarray(sampling.cfg_model_fn(xty, y, 10, 2.0, guide_channels=n)(x, t))
+    assert got.shape[-1] == (6 if learn_sigma else 3)
+  for n in (4, 5, 6):
+    with pytest.raises(ValueError, match=r"guide_channels=%d outside \[1, 3\]" % n):
+      sampling.cfg_model_fn(xty, y, 10, 2.0, guide_channels=n)(x, t)
+  for n in (0, -1, 1.5):
+    with pytest.raises(ValueError, match="guide_channels"):
+      sampling.cfg_model_fn(xty, y, 10, 2.0, guide_channels=n)
+  with pytest.raises(ValueError, match="expected 3 .* or 6"):
+    sampling.cfg_model_fn(lambda x, t, y: _toy_xty(x, t, y)[..., :5], y, 10, 2.0)(x, t)
