@@ -104,7 +104,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 
 def approx_standard_normal_cdf(x):
-  """ADM's tanh approximation of the standard normal CDF, 0.5 (1 + tanh(u)), written as sigmoid(2u)."""
+  """ADM's tanh approximation of the normal CDF, 0.5 (1 + tanh(u)), written as sigmoid(2u)."""
   # The same function, but float32 tanh rounds to exactly -1 once u < -8 (torch: -9), which zeroes
   # the lower tail from ~5 sigma out; sigmoid keeps it down to ~1e-38.
   return jax.nn.sigmoid(2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3))

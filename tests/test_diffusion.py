@@ -228,7 +228,7 @@ def test_discretized_gaussian_log_likelihood_matches_scipy():
 
 
 def _adm_log_likelihood_float64(x, means, log_scales):
-  """ADM's discretized_gaussian_log_likelihood (guided_diffusion/losses.py) transcribed to float64."""
+  """ADM's discretized_gaussian_log_likelihood (guided_diffusion/losses.py) in float64."""
   x, means, log_scales = (np.asarray(a, np.float64) for a in (x, means, log_scales))
   cdf = lambda z: 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
   inv_std = np.exp(-log_scales)
