@@ -9,16 +9,21 @@ with the params as an argument (not closed over) so new params do not recompile:
     model_fn = lambda x, t: model.apply({"params": params}, x, t, y_B)
     return sampling.ddpm_sample(model_fn, diffusion, (B, 32, 32, 4), rng)
 
+`make_sample_fn(model, diffusion, ...)` builds exactly that for a DiT-like model (labels, guidance,
+clipping, trajectory, replicated output on a mesh), as evaluation and tools/sample.py need.
+
 Noise is drawn per example: example i's noise depends only on (rng, i, step), so it differs between
 examples and between devices, and the result does not depend on how the batch is sharded.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from dit_jax import sharding as sharding_lib
 from dit_jax.diffusion import Diffusion, extract
 
 
@@ -63,45 +68,59 @@ def _check_shape(shape, x_T):
   return shape
 
 
-def _sample_loop(step_fn, model_fn, diffusion, shape, rng, x_T, sharding):
+def _sample_loop(step_fn, model_fn, diffusion, shape, rng, x_T, sharding, progressive):
   shape = _check_shape(shape, x_T)
   rng_init, rng_steps = jax.random.split(rng)
   constrain = ((lambda x: jax.lax.with_sharding_constraint(x, sharding)) if sharding is not None
                else (lambda x: x))
-  x = per_example_normal(rng_init, shape) if x_T is None else x_T.astype(jnp.float32)
-  x = constrain(x)
+  x_start = per_example_normal(rng_init, shape) if x_T is None else x_T.astype(jnp.float32)
+  x_start = constrain(x_start)
 
   def body(x, i):
     t_B = jnp.full((shape[0],), i, jnp.int32)
     model_out = model_fn(x, diffusion.model_timesteps(t_B))
     noise = constrain(per_example_normal(jax.random.fold_in(rng_steps, i), shape))
-    x_prev, _ = step_fn(model_out, x, t_B, noise)
-    return constrain(x_prev), None
+    x_prev, pred_x0 = step_fn(model_out, x, t_B, noise)
+    x_prev = constrain(x_prev)
+    # scan stacks the per-step outputs; the carry is the same x_prev, so the last entry is x_0.
+    return x_prev, ((x_prev, constrain(pred_x0)) if progressive else None)
 
   steps = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-  x, _ = jax.lax.scan(body, x, steps)
-  return x
+  x, stacked = jax.lax.scan(body, x_start, steps)
+  if not progressive:
+    return x
+  return dict(sample=x, x_T=x_start, trajectory=stacked[0], pred_x0=stacked[1], t=steps)
 
 
 def ddpm_sample(model_fn: Callable, diffusion: Diffusion, shape, rng: jax.Array, *,
-                clip_denoised: bool = False, x_T=None, sharding=None) -> jax.Array:
+                clip_denoised: bool = False, x_T=None, sharding=None, progressive: bool = False):
   """Ancestral DDPM sampling over all steps of `diffusion` (respace it for fewer); returns x_0.
 
-  x_T: optional starting noise (else drawn from rng). sharding: e.g. NamedSharding(mesh, P("data"))
-  to keep the batch sharded through the loop.
+  clip_denoised clamps each x_0 prediction to [-1, 1] before the posterior mean (ADM's pixel
+  sampler); DiT's latents leave it off. x_T: optional starting noise (else drawn from rng).
+  sharding: e.g. NamedSharding(mesh, P("data")) to keep the batch sharded through the loop.
+
+  progressive=True returns a dict instead of x_0 (ADM's p_sample_loop_progressive, stacked):
+  sample x_0 [B, ...]; x_T the start [B, ...]; trajectory [S, B, ...], x after each of the S steps
+  (x_{t-1}, so trajectory[-1] is sample); pred_x0 [S, B, ...], each step's x_0 prediction (clipped
+  if clip_denoised); t [S], each step's process index (S - 1 .. 0). It holds S + 1 batches of x.
   """
   def step(model_out, x, t_B, noise):
     return ddpm_step(diffusion, model_out, x, t_B, noise, clip_denoised)
-  return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding)
+  return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding, progressive)
 
 
 def ddim_sample(model_fn: Callable, diffusion: Diffusion, shape, rng: jax.Array, *,
-                eta: float = 0.0, clip_denoised: bool = False, x_T=None, sharding=None
-                ) -> jax.Array:
-  """DDIM sampling over all steps of `diffusion` (e.g. respacing "ddim50" or "50"); returns x_0."""
+                eta: float = 0.0, clip_denoised: bool = False, x_T=None, sharding=None,
+                progressive: bool = False):
+  """DDIM sampling over all steps of `diffusion` (e.g. respacing "ddim50" or "50"); returns x_0.
+
+  clip_denoised clamps x_0 and re-derives eps from it, as ADM's ddim_sample; progressive as in
+  `ddpm_sample` (ADM's ddim_sample_loop_progressive).
+  """
   def step(model_out, x, t_B, noise):
     return ddim_step(diffusion, model_out, x, t_B, noise, eta, clip_denoised)
-  return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding)
+  return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding, progressive)
 
 
 def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: int | None = None
@@ -140,3 +159,36 @@ def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: i
     return jnp.concatenate([mixed.astype(cond.dtype), cond[..., n:]], axis=-1)
 
   return guided
+
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def make_sample_fn(model, diffusion: Diffusion, *, sampler: str = "ddpm", cfg_scale: float = 1.0,
+                   guide_channels: int | None = None, eta: float = 0.0,
+                   clip_denoised: bool = False, progressive: bool = False, mesh=None) -> Callable:
+  """jitted (params, labels_B, rng, x_shape) -> samples of a (DiT-like) `model`; cfg_scale != 1
+  uses guidance with the null class model.num_classes (class-conditional models only).
+
+  clip_denoised: True for pixel-space models (ADM), False for latents (DiT). progressive: return
+  ddpm_sample's dict with the trajectory instead of x_0. With `mesh` the samples come back
+  replicated, so every process can read them (multi-host).
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
+  out = sharding_lib.replicated(mesh) if mesh is not None else None
+
+  @functools.partial(jax.jit, static_argnums=(3,), out_shardings=out)
+  def sample(params, y_B, rng, shape):
+    if model.num_classes and cfg_scale != 1.0:
+      fn = cfg_model_fn(lambda x, t, y: model.apply({"params": params}, x, t, y), y_B,
+                        model.num_classes, cfg_scale, guide_channels)
+    else:
+      fn = lambda x, t: model.apply({"params": params}, x, t, y_B if model.num_classes else None)
+    if sampler == "ddpm":
+      return ddpm_sample(fn, diffusion, shape, rng, clip_denoised=clip_denoised,
+                         progressive=progressive)
+    return ddim_sample(fn, diffusion, shape, rng, eta=eta, clip_denoised=clip_denoised,
+                       progressive=progressive)
+
+  return sample
