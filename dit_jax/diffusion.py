@@ -52,9 +52,12 @@ def get_betas(schedule: str, timesteps: int) -> np.ndarray:
 def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:
   """ADM's respacing: the sorted original timesteps kept when taking `section_counts` steps.
 
-  `section_counts` is "N" (or an int) for N evenly spread steps including 0 and T - 1, "a,b,c" for
-  a, b, c steps from consecutive equal sections of [0, T), or "ddimN" for DDIM's integer stride.
+  `section_counts` is "" (or None) for no respacing (all T steps), "N" (or an int) for N evenly
+  spread steps including 0 and T - 1, "a,b,c" for a, b, c steps from consecutive equal sections of
+  [0, T), or "ddimN" for DDIM's integer stride.
   """
+  if section_counts is None or (isinstance(section_counts, str) and not section_counts.strip()):
+    return list(range(num_timesteps))
   if isinstance(section_counts, int):
     section_counts = [section_counts]
   elif isinstance(section_counts, str):
@@ -101,25 +104,36 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 
 def approx_standard_normal_cdf(x):
-  """The tanh approximation of the standard normal CDF that ADM's decoder likelihood uses."""
-  return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+  """ADM's tanh approximation of the normal CDF, 0.5 (1 + tanh(u)), written as sigmoid(2u)."""
+  # The same function, but float32 tanh rounds to exactly -1 once u < -8 (torch: -9), which zeroes
+  # the lower tail from ~5 sigma out; sigmoid keeps it down to ~1e-38.
+  return jax.nn.sigmoid(2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3))
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
   """Log-probability (nats) of 8-bit values x in [-1, 1] under a Gaussian binned to width 2/255.
 
-  The outermost bins extend to -inf / +inf, so the 256 bin probabilities sum to one.
+  The outermost bins extend to -inf / +inf, so the 256 bin probabilities sum to one. Values are
+  ADM's (losses.py) including its 1e-12 floor on each probability, evaluated without float32
+  cancellation: upper-tail masses come from the mirrored CDF (the approximation is symmetric,
+  1 - cdf(z) = cdf(-z)) instead of as 1 - (a number near 1).
   """
   if not x.shape == means.shape == log_scales.shape:
     raise ValueError(f"shapes differ: x {x.shape}, means {means.shape}, "
                      f"log_scales {log_scales.shape}")
   centered = x - means
   inv_std = jnp.exp(-log_scales)
-  cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-  cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+  plus_in = inv_std * (centered + 1.0 / 255.0)
+  min_in = inv_std * (centered - 1.0 / 255.0)
+  cdf_plus = approx_standard_normal_cdf(plus_in)
+  one_minus_cdf_min = approx_standard_normal_cdf(-min_in)
+  # A bin below the mean takes its mass from the lower tail, one above from the upper tail, so
+  # neither side subtracts two numbers near 1.
+  cdf_delta = jnp.where(centered <= 0.0, cdf_plus - approx_standard_normal_cdf(min_in),
+                        one_minus_cdf_min - approx_standard_normal_cdf(-plus_in))
   log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
-  log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
-  log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+  log_one_minus_cdf_min = jnp.log(jnp.maximum(one_minus_cdf_min, 1e-12))
+  log_delta = jnp.log(jnp.maximum(cdf_delta, 1e-12))
   return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
@@ -324,10 +338,7 @@ def create(schedule: str = "linear", timesteps: int = 1000,
     raise ValueError(f"timesteps must be an int >= 2, got {timesteps!r}")
   base_betas = get_betas(schedule, int(timesteps))
   base_abar = np.cumprod(1.0 - base_betas)
-  if respacing in ("", None):
-    kept = list(range(timesteps))
-  else:
-    kept = space_timesteps(int(timesteps), respacing)
+  kept = space_timesteps(int(timesteps), respacing)
   if len(kept) < 2:
     raise ValueError(f"respacing {respacing!r} keeps {len(kept)} step; keep at least 2")
   abar = base_abar[kept]

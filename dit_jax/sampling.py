@@ -9,13 +9,16 @@ with the params as an argument (not closed over) so new params do not recompile:
     model_fn = lambda x, t: model.apply({"params": params}, x, t, y_B)
     return sampling.ddpm_sample(model_fn, diffusion, (B, 32, 32, 4), rng)
 
+`make_sample_fn(model, diffusion, ...)` builds exactly that for a DiT-like model (labels, guidance,
+clipping, trajectory, replicated output on a mesh), as evaluation and tools/sample.py need.
+
 Noise is drawn per example: example i's noise depends only on (rng, i, step), so it differs between
 examples and between devices, and the result does not depend on how the batch is sharded.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -65,45 +68,59 @@ def _check_shape(shape, x_T):
   return shape
 
 
-def _sample_loop(step_fn, model_fn, diffusion, shape, rng, x_T, sharding):
+def _sample_loop(step_fn, model_fn, diffusion, shape, rng, x_T, sharding, progressive):
   shape = _check_shape(shape, x_T)
   rng_init, rng_steps = jax.random.split(rng)
   constrain = ((lambda x: jax.lax.with_sharding_constraint(x, sharding)) if sharding is not None
                else (lambda x: x))
-  x = per_example_normal(rng_init, shape) if x_T is None else x_T.astype(jnp.float32)
-  x = constrain(x)
+  x_start = per_example_normal(rng_init, shape) if x_T is None else x_T.astype(jnp.float32)
+  x_start = constrain(x_start)
 
   def body(x, i):
     t_B = jnp.full((shape[0],), i, jnp.int32)
     model_out = model_fn(x, diffusion.model_timesteps(t_B))
     noise = constrain(per_example_normal(jax.random.fold_in(rng_steps, i), shape))
-    x_prev, _ = step_fn(model_out, x, t_B, noise)
-    return constrain(x_prev), None
+    x_prev, pred_x0 = step_fn(model_out, x, t_B, noise)
+    x_prev = constrain(x_prev)
+    # scan stacks the per-step outputs; the carry is the same x_prev, so the last entry is x_0.
+    return x_prev, ((x_prev, constrain(pred_x0)) if progressive else None)
 
   steps = jnp.arange(diffusion.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-  x, _ = jax.lax.scan(body, x, steps)
-  return x
+  x, stacked = jax.lax.scan(body, x_start, steps)
+  if not progressive:
+    return x
+  return dict(sample=x, x_T=x_start, trajectory=stacked[0], pred_x0=stacked[1], t=steps)
 
 
 def ddpm_sample(model_fn: Callable, diffusion: Diffusion, shape, rng: jax.Array, *,
-                clip_denoised: bool = False, x_T=None, sharding=None) -> jax.Array:
+                clip_denoised: bool = False, x_T=None, sharding=None, progressive: bool = False):
   """Ancestral DDPM sampling over all steps of `diffusion` (respace it for fewer); returns x_0.
 
-  x_T: optional starting noise (else drawn from rng). sharding: e.g. NamedSharding(mesh, P("data"))
-  to keep the batch sharded through the loop.
+  clip_denoised clamps each x_0 prediction to [-1, 1] before the posterior mean (ADM's pixel
+  sampler); DiT's latents leave it off. x_T: optional starting noise (else drawn from rng).
+  sharding: e.g. NamedSharding(mesh, P("data")) to keep the batch sharded through the loop.
+
+  progressive=True returns a dict instead of x_0 (ADM's p_sample_loop_progressive, stacked):
+  sample x_0 [B, ...]; x_T the start [B, ...]; trajectory [S, B, ...], x after each of the S steps
+  (x_{t-1}, so trajectory[-1] is sample); pred_x0 [S, B, ...], each step's x_0 prediction (clipped
+  if clip_denoised); t [S], each step's process index (S - 1 .. 0). It holds S + 1 batches of x.
   """
   def step(model_out, x, t_B, noise):
     return ddpm_step(diffusion, model_out, x, t_B, noise, clip_denoised)
-  return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding)
+  return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding, progressive)
 
 
 def ddim_sample(model_fn: Callable, diffusion: Diffusion, shape, rng: jax.Array, *,
-                eta: float = 0.0, clip_denoised: bool = False, x_T=None, sharding=None
-                ) -> jax.Array:
-  """DDIM sampling over all steps of `diffusion` (e.g. respacing "ddim50" or "50"); returns x_0."""
+                eta: float = 0.0, clip_denoised: bool = False, x_T=None, sharding=None,
+                progressive: bool = False):
+  """DDIM sampling over all steps of `diffusion` (e.g. respacing "ddim50" or "50"); returns x_0.
+
+  clip_denoised clamps x_0 and re-derives eps from it, as ADM's ddim_sample; progressive as in
+  `ddpm_sample` (ADM's ddim_sample_loop_progressive).
+  """
   def step(model_out, x, t_B, noise):
     return ddim_step(diffusion, model_out, x, t_B, noise, eta, clip_denoised)
-  return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding)
+  return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding, progressive)
 
 
 def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: int | None = None
@@ -112,24 +129,31 @@ def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: i
 
   One batched call on [x; x] with [y; null]. `y` is any per-example conditioning [B, ...] (labels,
   text context) and `null_label` its unconditional value (DiT: num_classes), broadcast to y.
-  guide_channels=None guides all C channels of the prediction (the standard rule); the remaining
-  channels (the learned variance) come from the conditional half. guide_channels=3 reproduces the
-  official DiT sampler, which guides only channels 0-2 of the 4 latent channels (DiT#41): channel 3
-  is then the unguided conditional prediction.
+  guide_channels=None guides all C channels of the prediction (C = x's channels; the standard
+  rule); the remaining channels (the learned variance) come from the conditional half.
+  guide_channels=3 reproduces the official DiT sampler, which guides only channels 0-2 of the 4
+  latent channels (DiT#41): channel 3 is then the unguided conditional prediction. It must lie in
+  1..C: guiding the variance channels is not guidance.
   """
   y = jnp.asarray(y)
+  if guide_channels is not None and (int(guide_channels) != guide_channels or guide_channels < 1):
+    raise ValueError(f"guide_channels={guide_channels!r}: expected None or an int >= 1")
 
   def guided(x, t_B):
     b, c = x.shape[0], x.shape[-1]
     if y.shape[0] != b:
       raise ValueError(f"conditioning has batch {y.shape[0]} but x has batch {b}")
+    # The prediction has x's C channels; a learned-sigma model appends C variance channels.
+    if guide_channels is not None and guide_channels > c:
+      raise ValueError(f"guide_channels={guide_channels} outside [1, {c}]: only the C = {c} "
+                       "prediction channels (x's channels) can be guided, not the learned variance")
     n = c if guide_channels is None else int(guide_channels)
     null = jnp.broadcast_to(jnp.asarray(null_label, y.dtype), y.shape)
     out = model_fn_xty(jnp.concatenate([x, x]), jnp.concatenate([t_B, t_B]),
                        jnp.concatenate([y, null]))
-    if not 1 <= n <= out.shape[-1]:
-      raise ValueError(f"guide_channels={guide_channels} outside [1, {out.shape[-1]}] "
-                       "(the model's output channels)")
+    if out.shape[-1] not in (c, 2 * c):
+      raise ValueError(f"model output has {out.shape[-1]} channels; expected {c} (the "
+                       f"prediction) or {2 * c} (prediction and learned variance) for x's {c}")
     cond, uncond = out[:b], out[b:]
     mixed = uncond[..., :n] + scale * (cond[..., :n] - uncond[..., :n])
     return jnp.concatenate([mixed.astype(cond.dtype), cond[..., n:]], axis=-1)
@@ -137,13 +161,20 @@ def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: i
   return guided
 
 
-def make_sample_fn(model, diffusion: Diffusion, *, sampler: str = "ddpm", cfg_scale: float = 1.0,
-                   guide_channels: Optional[int] = None, eta: float = 0.0, mesh=None) -> Callable:
-  """jitted (params, labels_B, rng, x_shape) -> samples of a DiT or U-Net; cfg_scale != 1 guides.
+SAMPLERS = ("ddpm", "ddim")
 
-  With `mesh` the samples come back replicated, so every process can read them (multi-host).
+
+def make_sample_fn(model, diffusion: Diffusion, *, sampler: str = "ddpm", cfg_scale: float = 1.0,
+                   guide_channels: int | None = None, eta: float = 0.0,
+                   clip_denoised: bool = False, progressive: bool = False, mesh=None) -> Callable:
+  """jitted (params, labels_B, rng, x_shape) -> samples of a (DiT-like) `model`; cfg_scale != 1
+  uses guidance with the null class model.num_classes (class-conditional models only).
+
+  clip_denoised: True for pixel-space models (ADM), False for latents (DiT). progressive: return
+  ddpm_sample's dict with the trajectory instead of x_0. With `mesh` the samples come back
+  replicated, so every process can read them (multi-host).
   """
-  if sampler not in ("ddpm", "ddim"):
+  if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
   out = sharding_lib.replicated(mesh) if mesh is not None else None
 
@@ -155,7 +186,9 @@ def make_sample_fn(model, diffusion: Diffusion, *, sampler: str = "ddpm", cfg_sc
     else:
       fn = lambda x, t: model.apply({"params": params}, x, t, y_B if model.num_classes else None)
     if sampler == "ddpm":
-      return ddpm_sample(fn, diffusion, shape, rng)
-    return ddim_sample(fn, diffusion, shape, rng, eta=eta)
+      return ddpm_sample(fn, diffusion, shape, rng, clip_denoised=clip_denoised,
+                         progressive=progressive)
+    return ddim_sample(fn, diffusion, shape, rng, eta=eta, clip_denoised=clip_denoised,
+                       progressive=progressive)
 
   return sample

@@ -73,6 +73,14 @@ def test_space_timesteps_sections_hand_derived():
   np.testing.assert_array_equal(dd.create(respacing="").timestep_map, np.arange(T))
 
 
+def test_space_timesteps_empty_means_no_respacing():
+  for empty in ("", " ", None):
+    assert dd.space_timesteps(T, empty) == list(range(T))
+    np.testing.assert_array_equal(dd.create(respacing=empty).timestep_map, np.arange(T))
+  assert dd.space_timesteps(T, "") == dd.space_timesteps(T, str(T)) == dd.space_timesteps(T, T)
+  np.testing.assert_array_equal(dd.create(respacing="").betas, dd.create().betas)
+
+
 def test_space_timesteps_bad_input():
   with pytest.raises(ValueError, match="cannot take"):
     dd.space_timesteps(T, "2000")
@@ -217,6 +225,70 @@ def test_discretized_gaussian_log_likelihood_matches_scipy():
   got = dd.discretized_gaussian_log_likelihood(jnp.array([-1.0, 1.0]), jnp.array([-1.5, 1.5]),
                                                jnp.log(jnp.array([0.1, 0.1])))
   np.testing.assert_allclose(got, np.log(scipy.stats.norm.cdf(0.5 / 0.1 + 1 / 25.5)), atol=1e-5)
+
+
+def _adm_log_likelihood_float64(x, means, log_scales):
+  """ADM's discretized_gaussian_log_likelihood (guided_diffusion/losses.py) in float64."""
+  x, means, log_scales = (np.asarray(a, np.float64) for a in (x, means, log_scales))
+  cdf = lambda z: 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
+  inv_std = np.exp(-log_scales)
+  cdf_plus = cdf(inv_std * (x - means + 1 / 255))
+  cdf_min = cdf(inv_std * (x - means - 1 / 255))
+  return np.where(x < -0.999, np.log(np.maximum(cdf_plus, 1e-12)),
+                  np.where(x > 0.999, np.log(np.maximum(1.0 - cdf_min, 1e-12)),
+                           np.log(np.maximum(cdf_plus - cdf_min, 1e-12))))
+
+
+def test_discretized_log_likelihood_far_tails_match_adm_in_float64():
+  """Means k sigma off every 8-bit value, both sides, vs ADM's formula in float64.
+
+  float32 tanh is exactly -1 past u ~ 8, so a 0.5 (1 + tanh) CDF is 0 from ~5 sigma out and the
+  1e-12 floor replaced log-probs like -17 by -27.6 (3.632 instead of 3.567 bits/dim in one report).
+  The float64 reference is exact to ~1e-16 / p, so the cases stay above p ~ 1e-11 or deep below
+  the floor (both -27.63).
+  """
+  x_K = np.arange(256) / 127.5 - 1.0
+  for sigma in (0.1, 0.02, 0.005):
+    for k in (0.0, 0.4, 2.0, 4.0, 5.0, 5.5, 6.0, 20.0):
+      for sign in (-1.0, 1.0):
+        x = jnp.asarray(x_K, jnp.float32)
+        means = x + jnp.float32(sign * k * sigma)
+        log_scales = jnp.full_like(x, np.log(sigma))
+        got = np.asarray(dd.discretized_gaussian_log_likelihood(x, means, log_scales), np.float64)
+        # The reference sees the same float32 inputs.
+        want = _adm_log_likelihood_float64(x, means, log_scales)
+        # atol: a probability near 1 is held to float32's spacing there (6e-8), in ADM as here.
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=3e-7,
+                                   err_msg=f"sigma={sigma} k={k} sign={sign}")
+  # A pixel at -1 or +1 with the mean 5 sigma inside: ~ -16.6 nats, not the -27.6 of the floor.
+  sigma = 0.1
+  x = jnp.array([-1.0, 1.0])
+  means = jnp.array([-1.0 + 5 * sigma, 1.0 - 5 * sigma])
+  log_scales = jnp.full((2,), np.log(sigma), jnp.float32)
+  got = np.asarray(dd.discretized_gaussian_log_likelihood(x, means, log_scales))
+  want = _adm_log_likelihood_float64(x, means, log_scales)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert -17.0 < got.min() and got.max() < -16.0
+
+
+def test_decoder_nll_of_a_far_off_prediction_matches_adm_in_float64():
+  """vb_terms_bpd at t = 0 (the decoder NLL, bits/dim) for x_0 predictions 3-7 sigma off."""
+  diff = dd.create()
+  rng = np.random.default_rng(8)
+  x0 = (rng.integers(0, 256, (4, 8, 8, 3)) / 127.5 - 1.0).astype(np.float32)
+  noise = rng.standard_normal(x0.shape).astype(np.float32)
+  t = np.zeros(4, np.int32)
+  x_t = diff.q_sample(x0, t, noise)
+  sigma0 = float(np.exp(0.5 * diff.posterior_log_variance_clipped[0]))
+  # An eps prediction whose posterior mean (x_0 coefficient ~1 at t = 0) misses by 3-7 sigma.
+  offset = sigma0 * rng.uniform(3, 7, x0.shape) * rng.choice([-1, 1], x0.shape)
+  eps = noise - offset / diff.sqrt_recipm1_alphas_cumprod[0]
+  out = jnp.concatenate([jnp.asarray(eps, jnp.float32), jnp.zeros_like(x_t)], -1)
+  got = np.asarray(diff.vb_terms_bpd(out, x0, x_t, t), np.float64)
+  pm = diff.p_mean_variance(out, x_t, t)
+  want = -_adm_log_likelihood_float64(x0, pm["mean"], 0.5 * pm["log_variance"]).mean(
+      (1, 2, 3)) / np.log(2.0)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 # Training losses.

@@ -1,4 +1,6 @@
 """Tests for dit_jax.sampling: steps vs diffusers, Gaussian data vs closed forms, sharding, CFG."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -405,3 +407,185 @@ def test_cfg_with_context_arrays():
     sampling.cfg_model_fn(_toy_xty, ctx[:1], null, 3.0)(x, t)
   with pytest.raises(ValueError, match="guide_channels"):
     sampling.cfg_model_fn(_toy_xty, ctx, null, 3.0, guide_channels=7)(x, t)
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_cfg_guide_channels_bounded_by_the_prediction_channels(learn_sigma):
+  """guide_channels in 1..C, C = x's (eps) channels; C+1 .. 2C would guide the learned variance."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal((2, 2, 2, 3)), jnp.float32)
+  t, y = jnp.array([1, 2]), jnp.array([4, 7])
+  xty = _toy_xty if learn_sigma else (lambda x, t, y: _toy_xty(x, t, y)[..., :3])
+  for n in (1, 3):
+    got = np.asarray(sampling.cfg_model_fn(xty, y, 10, 2.0, guide_channels=n)(x, t))
+    assert got.shape[-1] == (6 if learn_sigma else 3)
+  for n in (4, 5, 6):
+    with pytest.raises(ValueError, match=r"guide_channels=%d outside \[1, 3\]" % n):
+      sampling.cfg_model_fn(xty, y, 10, 2.0, guide_channels=n)(x, t)
+  for n in (0, -1, 1.5):
+    with pytest.raises(ValueError, match="guide_channels"):
+      sampling.cfg_model_fn(xty, y, 10, 2.0, guide_channels=n)
+  with pytest.raises(ValueError, match="expected 3 .* or 6"):
+    sampling.cfg_model_fn(lambda x, t, y: _toy_xty(x, t, y)[..., :5], y, 10, 2.0)(x, t)
+
+
+# Clipping x_0 (ADM's pixel sampler) and the trajectory (ADM's *_sample_loop_progressive).
+
+def _loop_noise(rng, shape, num_steps):
+  """The sampler's draws: x_T from split(rng)[0], step i's noise from fold_in(split(rng)[1], i)."""
+  rng_init, rng_steps = jax.random.split(rng)
+  x_T = np.asarray(sampling.per_example_normal(rng_init, shape), np.float64)
+  return x_T, {i: np.asarray(sampling.per_example_normal(jax.random.fold_in(rng_steps, i), shape),
+                             np.float64) for i in range(num_steps)}
+
+
+def _adm_loop_float64(diff, x_T, noise, sampler, clip_denoised, eta=0.0):
+  """ADM's p_sample / ddim_sample loop in float64 on the exact Gaussian model (learned range).
+
+  p_mean_variance: x_0 from eps, clamped to [-1, 1] if clip_denoised, BEFORE the posterior mean
+  (and, for DDIM, before re-deriving eps). Returns the list of x after each step.
+  """
+  _, abar0 = _linear_tables()
+  var_values = _optimal_var_values()
+  x, out = x_T, []
+  for i in reversed(range(diff.num_timesteps)):
+    t0 = int(diff.timestep_map[i])
+    a0 = abar0[t0]
+    eps = np.sqrt(1 - a0) * (x - np.sqrt(a0) * MU_C) / (a0 * SIGMA_C ** 2 + 1 - a0)
+    x0 = np.sqrt(1 / diff.alphas_cumprod[i]) * x - np.sqrt(1 / diff.alphas_cumprod[i] - 1) * eps
+    if clip_denoised:
+      x0 = np.clip(x0, -1, 1)
+    if sampler == "ddpm":
+      frac = (var_values[t0] + 1) / 2
+      log_var = frac * diff.log_betas[i] + (1 - frac) * diff.posterior_log_variance_clipped[i]
+      mean = diff.posterior_mean_coef1[i] * x0 + diff.posterior_mean_coef2[i] * x
+      x = mean + (i != 0) * np.exp(0.5 * log_var) * noise[i]
+    else:
+      eps = (np.sqrt(1 / diff.alphas_cumprod[i]) * x - x0) / np.sqrt(1 / diff.alphas_cumprod[i] - 1)
+      ab, abp = diff.alphas_cumprod[i], diff.alphas_cumprod_prev[i]
+      sigma = eta * np.sqrt((1 - abp) / (1 - ab)) * np.sqrt(1 - ab / abp)
+      x = (x0 * np.sqrt(abp) + np.sqrt(1 - abp - sigma ** 2) * eps
+           + (i != 0) * sigma * noise[i])
+    out.append(x)
+  return out
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_clip_denoised_follows_adm_p_mean_variance(sampler, eta):
+  """Data N(MU_C, SIGMA_C^2) lies mostly outside [-1, 1], so clipping x_0 changes every step."""
+  diff = dd.create(respacing="10")
+  shape, rng = (16, 2, 2, 4), jax.random.key(11)
+  x_T, noise = _loop_noise(rng, shape, diff.num_timesteps)
+  model_fn = gaussian_model_fn(True)
+  run = {"ddpm": sampling.ddpm_sample,
+         "ddim": lambda *a, **k: sampling.ddim_sample(*a, eta=eta, **k)}[sampler]
+  got = {clip: np.asarray(jax.jit(lambda rng, clip=clip: run(
+      model_fn, diff, shape, rng, clip_denoised=clip))(rng)) for clip in (False, True)}
+  for clip in (False, True):
+    want = _adm_loop_float64(diff, x_T, noise, sampler, clip, eta)[-1]
+    np.testing.assert_allclose(got[clip], want, atol=2e-4, rtol=1e-4, err_msg=f"clip={clip}")
+  gap = np.abs(got[True] - got[False]).max()
+  assert gap > 0.5, gap  # the case is one where clipping matters
+  # Clipped x_0 of 4-channel data with means 1 .. 3: the result sits near the clip range.
+  assert np.abs(got[True]).max() < np.abs(got[False]).max()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_progressive_trajectory(sampler, clip):
+  """Last trajectory entry == the non-progressive x_0 bitwise; every entry == a manual loop of
+  jitted single steps on the same noise, and pred_x0 likewise, to float32 rounding (XLA fuses the
+  scan body and a lone step differently: ~1 ulp, amplified by 1/sqrt(abar) in pred_x0)."""
+  diff = dd.create(respacing="8")
+  shape, rng = (4, 2, 2, 4), jax.random.key(12)
+  model_fn = gaussian_model_fn(True)
+  run = sampling.ddpm_sample if sampler == "ddpm" else functools.partial(sampling.ddim_sample,
+                                                                         eta=0.5)
+  final = jax.jit(lambda rng: run(model_fn, diff, shape, rng, clip_denoised=clip))(rng)
+  prog = jax.jit(lambda rng: run(model_fn, diff, shape, rng, clip_denoised=clip,
+                                 progressive=True))(rng)
+  S = diff.num_timesteps
+  assert prog["trajectory"].shape == prog["pred_x0"].shape == (S,) + shape
+  np.testing.assert_array_equal(prog["t"], np.arange(S - 1, -1, -1))
+  np.testing.assert_array_equal(np.asarray(prog["trajectory"][-1]), np.asarray(final))
+  np.testing.assert_array_equal(np.asarray(prog["sample"]), np.asarray(final))
+
+  x_T, noise = _loop_noise(rng, shape, S)
+  np.testing.assert_array_equal(np.asarray(prog["x_T"]), x_T.astype(np.float32))
+  step = sampling.ddpm_step if sampler == "ddpm" else functools.partial(sampling.ddim_step,
+                                                                        eta=0.5)
+
+  @jax.jit
+  def one_step(x, i, noise):
+    t_B = jnp.full((shape[0],), i, jnp.int32)
+    return step(diff, model_fn(x, diff.model_timesteps(t_B)), x, t_B, noise,
+                clip_denoised=clip)
+
+  x = jnp.asarray(x_T, jnp.float32)
+  for k, i in enumerate(range(S - 1, -1, -1)):
+    x, pred_x0 = one_step(x, i, jnp.asarray(noise[i], jnp.float32))
+    np.testing.assert_allclose(np.asarray(prog["trajectory"][k]), np.asarray(x), rtol=1e-5,
+                               atol=1e-5, err_msg=f"step {k}")
+    np.testing.assert_allclose(np.asarray(prog["pred_x0"][k]), np.asarray(pred_x0), rtol=1e-5,
+                               atol=1e-5, err_msg=f"step {k}")
+    if clip:
+      assert np.abs(np.asarray(prog["pred_x0"][k])).max() <= 1.0
+
+
+def _tiny_dit(num_classes=10, seed=0):
+  """A tiny pixel DiT with every parameter perturbed (adaLN-Zero would otherwise output 0)."""
+  from dit_jax import dit
+  model = dit.DiT(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                  num_classes=num_classes)
+  import flax.linen as nn
+  params = nn.unbox(dit.init_params(model, jax.random.key(seed)))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.2 * jax.random.normal(k, l.shape)
+                                     for l, k in zip(leaves, keys)])
+  return model, params
+
+
+@pytest.mark.parametrize("sampler,cfg_scale,guide_channels", [
+    ("ddpm", 1.0, None), ("ddpm", 3.0, None), ("ddim", 2.0, 2)])
+def test_make_sample_fn_is_the_plain_composition(sampler, cfg_scale, guide_channels):
+  """make_sample_fn (moved from train.py) at clip_denoised=False is bitwise the jitted sampler over
+  cfg_model_fn it always was."""
+  model, params = _tiny_dit()
+  diff = dd.create(respacing="6")
+  y, rng, shape = jnp.array([1, 4, 9]), jax.random.PRNGKey(3), (3, 8, 8, 3)
+  got = sampling.make_sample_fn(model, diff, sampler=sampler, cfg_scale=cfg_scale,
+                                guide_channels=guide_channels, eta=0.3)(params, y, rng, shape)
+
+  @jax.jit
+  def plain(params, y, rng):
+    fn = (sampling.cfg_model_fn(lambda x, t, y: model.apply({"params": params}, x, t, y), y, 10,
+                                cfg_scale, guide_channels) if cfg_scale != 1.0
+          else lambda x, t: model.apply({"params": params}, x, t, y))
+    if sampler == "ddpm":
+      return sampling.ddpm_sample(fn, diff, shape, rng)
+    return sampling.ddim_sample(fn, diff, shape, rng, eta=0.3)
+
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(plain(params, y, rng)))
+
+
+def test_make_sample_fn_clip_progressive_mesh_and_bad_input():
+  from dit_jax import sharding
+  model, params = _tiny_dit()
+  diff = dd.create(respacing="3")
+  mesh = sharding.create_mesh((-1, 1, 1))
+  y, rng, shape = jnp.arange(8) % 10, jax.random.PRNGKey(0), (8, 8, 8, 3)
+  x = sampling.make_sample_fn(model, diff, cfg_scale=2.0, mesh=mesh)(params, y, rng, shape)
+  assert x.sharding.is_fully_replicated
+  prog = sampling.make_sample_fn(model, diff, cfg_scale=2.0, mesh=mesh, progressive=True,
+                                 clip_denoised=True)(params, y, rng, shape)
+  assert all(v.sharding.is_fully_replicated for v in jax.tree.leaves(prog))
+  assert prog["trajectory"].shape == (3,) + shape and np.abs(prog["pred_x0"]).max() <= 1.0
+  clipped = sampling.make_sample_fn(model, diff, cfg_scale=2.0, clip_denoised=True)(
+      params, y, rng, shape)
+  np.testing.assert_array_equal(np.asarray(prog["sample"]), np.asarray(clipped))
+  assert np.abs(np.asarray(clipped) - np.asarray(x)).max() > 1e-2  # clipping mattered here
+  with pytest.raises(ValueError, match="unknown sampler"):
+    sampling.make_sample_fn(model, diff, sampler="euler")
+  with pytest.raises(ValueError, match="guide_channels=4 outside"):
+    sampling.make_sample_fn(model, diff, cfg_scale=2.0, guide_channels=4)(params, y, rng, shape)
