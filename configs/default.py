@@ -34,6 +34,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.diffusion.schedule = "linear"  # Beta schedule: linear (1e-4 -> 0.02, DiT) or cosine.
   config.diffusion.timesteps = 1000  # T of the training process.
   config.diffusion.prediction = "eps"  # What the network predicts: eps | x0 | v.
+  config.diffusion.objective = "ddpm"  # ddpm (the paper's) | flow (rectified flow, SiT / SD3).
+
+  # The flow objective (objectives.py, flow.py), used when diffusion.objective = 'flow'.
+  config.flow = ml_collections.ConfigDict()
+  config.flow.path = "linear"  # linear (rectified flow) | gvp (SiT's variance-preserving path).
+  config.flow.prediction = "velocity"  # velocity | noise | data.
+  config.flow.time_sampling = "uniform"  # uniform | logit_normal (SD3).
+  config.flow.logit_mean = 0.0  # SD3's m of the logit-normal (on the noise level 1 - t).
+  config.flow.logit_std = 1.0  # SD3's s of the logit-normal.
+  config.flow.shift = 1.0  # SD3's timestep shift of training times (> 1: noisier).
+  config.flow.sampler = "heun"  # euler | heun (ODE) | euler_maruyama (SiT's SDE).
+  config.flow.guidance_interval = (0.0, 1.0)  # Guide only for t in [lo, hi] (flow time, 0 = noise).
 
   # Data (see sources.default_data_config for every field).
   config.data = sources.default_data_config()
@@ -74,11 +86,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.record_batch_hashes = False  # Append each batch's sha256 to batch_hashes.<proc>.jsonl.
   config.eval = ml_collections.ConfigDict()
   config.eval.vae_path = ""  # diffusers SD-VAE folder that decodes latent samples ('' = no decoding).
+  # Clip x0 predictions to [-1, 1] while sampling (DDPM): auto = on for pixels (ADM), off for
+  # latents (DiT's clip_denoised=False); on | off force it.
+  config.eval.clip_denoised = "auto"
   # The sample grid (evaluators.SampleGrid): a PNG of EMA samples, labels 0, 1, 2, ...
   config.eval.grid = ml_collections.ConfigDict()
   config.eval.grid.every_steps = 50_000  # Every N steps and at the end (0 = never).
   config.eval.grid.num_samples = 16  # Images in the grid.
-  config.eval.grid.respacing = "250"  # DDPM sampling steps (paper: 250).
+  config.eval.grid.respacing = "250"  # Sampling steps (DDPM respacing, paper: 250; flow: N steps).
   config.eval.grid.cfg_scale = 4.0  # Classifier-free guidance (1 = none; the paper's figures: 4).
   config.eval.grid.guide_channels = 0  # Guide only the first N eps channels (0 = all; official: 3).
   # Sample quality (evaluators.SampleQuality): FID/sFID/IS/precision/recall of EMA samples.
@@ -86,7 +101,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval.fid.every_steps = 50_000  # Every N steps and at the end (0 = never).
   config.eval.fid.num_samples = 0  # Samples scored (0 = off; the paper: 50_000).
   config.eval.fid.batch_size = 64  # Sampling/feature batch (global).
-  config.eval.fid.respacing = "250"  # DDPM sampling steps (paper: 250).
+  config.eval.fid.respacing = "250"  # Sampling steps (DDPM respacing, paper: 250; flow: N steps).
   config.eval.fid.cfg_scale = 1.5  # Guidance (1 = none: Table 4 and Fig. 8; 1.5: the paper's best).
   config.eval.fid.guide_channels = 0  # Guide only the first N eps channels (0 = all; official: 3).
   config.eval.fid.feature_network = "auto"  # inception | cnn (per-dataset net) | auto (by size).

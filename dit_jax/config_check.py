@@ -12,10 +12,10 @@ runs 1 and 2 for every member up front.
 """
 from __future__ import annotations
 
-from dit_jax import diffusion as diffusion_lib
 from dit_jax import distributed
 from dit_jax import evaluators
 from dit_jax import models
+from dit_jax import objectives
 from dit_jax import sharding as sharding_lib
 from dit_jax import train_step
 
@@ -85,7 +85,7 @@ def check(config) -> None:
   _check_run(config)
   train_step.check_config(config)
   models.check_config(config)
-  diffusion_lib.from_config(config)  # schedule, timesteps, prediction
+  objectives.check_config(config)
   evaluators.check_config(config)
   distributed.check_config(config.distributed)
 

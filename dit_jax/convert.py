@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from dit_jax import dit as dit_lib
+from dit_jax import models
 from dit_jax import embeddings
 
 
@@ -174,10 +175,7 @@ def _check_shapes(params, model):
 
 
 def model_name(model: dit_lib.DiT) -> str:
-  for size, s in dit_lib.SIZES.items():
-    if (s.depth, s.hidden_size, s.num_heads) == (model.depth, model.hidden_size, model.num_heads):
-      return f"DiT-{size}/{model.patch_size}"
-  return f"DiT(depth={model.depth}, hidden={model.hidden_size})/{model.patch_size}"
+  return models.name_of(model)
 
 
 MODEL_FIELDS = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads",

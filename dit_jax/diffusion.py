@@ -92,6 +92,17 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
   return sorted(kept)
 
 
+def per_example_keys(key, batch: int):
+  """Example i's key depends only on (key, i): independent of the batch's sharding and device."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def per_example_normal(rng: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """Standard normal [B, ...]; row i comes from fold_in(rng, i), whatever B and the sharding."""
+  return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), dtype))(
+      per_example_keys(rng, shape[0]))
+
+
 def mean_flat(x: jax.Array) -> jax.Array:
   """Mean over all non-batch axes."""
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
@@ -302,6 +313,26 @@ class Diffusion:
     t_B = jnp.full((x0.shape[0],), self.num_timesteps - 1, jnp.int32)
     mean, _, log_var = self.q_mean_variance(x0, t_B)
     return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / math.log(2.0)
+
+  # The objective interface (shared with flow.Flow, used by train_step and the validation loss).
+
+  name = "ddpm"
+
+  def draw_noise_and_t(self, k_noise, k_t, shape) -> tuple:
+    """Per-example noise and timesteps: example i's draw depends on (key, i) only, so every example
+    on every device differs, and the values do not depend on how the batch is sharded."""
+    noise = per_example_normal(k_noise, shape)
+    t_B = jax.vmap(lambda k: jax.random.randint(k, (), 0, self.num_timesteps, jnp.int32))(
+        per_example_keys(k_t, shape[0]))
+    return noise, t_B
+
+  def fixed_times(self, n: int) -> jax.Array:
+    """n timesteps spread evenly over [0, T): the same stratified set for every model."""
+    return ((jnp.arange(n) + 0.5) * self.num_timesteps / n).astype(jnp.int32)
+
+  def validation_losses(self, model_fn: Callable, x0, t_B, noise) -> dict:
+    """The training terms (mse on the target; vb with learned Sigma) at given t and noise."""
+    return self.training_losses(model_fn, x0, t_B, noise)
 
   def training_losses(self, model_fn: Callable, x0, t_B, noise):
     """DiT's loss per example: dict(loss, mse, vb), each [B].

@@ -26,7 +26,7 @@ from dit_jax import diffusion as diffusion_lib
 from dit_jax import fid
 from dit_jax import images as images_lib
 from dit_jax import inception
-from dit_jax import sampling
+from dit_jax import objectives
 from dit_jax import sharding as sharding_lib
 from dit_jax import vae as vae_lib
 
@@ -43,10 +43,11 @@ def check_config(config) -> None:
       raise ValueError(f"eval.{name}.cfg_scale={ev.cfg_scale}: use 1 for no guidance, > 1 to guide")
     if ev.guide_channels < 0:
       raise ValueError(f"eval.{name}.guide_channels must be >= 0 (0 = all), got {ev.guide_channels}")
-    try:
-      diffusion_lib.from_config(config, ev.respacing)
-    except ValueError as e:
-      raise ValueError(f"eval.{name}.respacing={ev.respacing!r}: {e}") from None
+    if config.diffusion.objective == "ddpm":
+      try:
+        diffusion_lib.from_config(config, ev.respacing)
+      except ValueError as e:
+        raise ValueError(f"eval.{name}.respacing={ev.respacing!r}: {e}") from None
   if grid.every_steps and grid.num_samples < 1:
     raise ValueError(f"eval.grid.num_samples must be >= 1, got {grid.num_samples}")
   if q.every_steps and q.num_samples:
@@ -89,12 +90,6 @@ def decode_latents(vae_path, z, scaling_factor):
   return np.asarray(decode(params, jnp.asarray(z) / scaling_factor))
 
 
-def _sample_fn(config, ev, model, mesh=None):
-  return sampling.make_sample_fn(model, diffusion_lib.from_config(config, ev.respacing),
-                                 cfg_scale=ev.cfg_scale, guide_channels=ev.guide_channels or None,
-                                 mesh=mesh)
-
-
 class SampleGrid:
   """A PNG grid of EMA samples, labels 0, 1, 2, ... (process 0 writes it)."""
   name = "grid"
@@ -102,7 +97,7 @@ class SampleGrid:
   def __init__(self, config, source, model, mesh, workdir):
     ev = config.eval.grid
     self.every_steps = ev.every_steps
-    self._sample = _sample_fn(config, ev, model, mesh)
+    self._sample = objectives.make_sample_fn(config, ev, model, source.kind, mesh)
     self._labels = np.arange(ev.num_samples, dtype=np.int32) % max(source.num_classes, 1)
     self._shape = (ev.num_samples,) + tuple(source.image_shape)
     # Host (numpy) inputs: on a multi-host mesh jit treats them as replicated global values.
@@ -220,7 +215,7 @@ class SampleQuality:
                            q.num_samples, q.batch_size, num_classes=model.num_classes or None,
                            mesh=mesh, data_axis=sharding_lib.BATCH_AXES, progress=False)
     # Samples stay sharded over the batch (no replicated output).
-    self._sample = _sample_fn(config, q, model)
+    self._sample = objectives.make_sample_fn(config, q, model, source.kind)
     self._shape = (q.batch_size,) + tuple(source.image_shape)
     self._decode = (lambda x: decode_latents(config.eval.vae_path, x, source.scaling_factor)) \
         if latents else (lambda x: x)

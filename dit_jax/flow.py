@@ -30,8 +30,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dit_jax.diffusion import mean_flat
-from dit_jax.sampling import per_example_normal
+from dit_jax.diffusion import mean_flat, per_example_normal
 
 PATHS = ("linear", "gvp")
 PREDICTIONS = ("velocity", "noise", "data")
@@ -239,6 +238,18 @@ class Flow:
   def validation_target(self, x_data, noise, t_B):
     """The velocity at (x1, x0, t): what `val_loss` compares against, whatever the prediction."""
     return self.velocity_target(x_data, noise, t_B)
+
+  name = "flow"
+
+  def fixed_times(self, n: int) -> jax.Array:
+    """n times spread evenly over the training interval: the same stratified set for every model."""
+    lo, hi = self.train_interval()
+    return (lo + (jnp.arange(n, dtype=jnp.float32) + 0.5) * (hi - lo) / n).astype(jnp.float32)
+
+  def validation_losses(self, model_fn: Callable, x_data, t_B, noise) -> dict:
+    """dict(loss, mse, vb=0) [B] of the velocity MSE at fixed t and noise (see `val_loss`)."""
+    mse = self.val_loss(model_fn, x_data, t_B, noise)
+    return dict(loss=mse, mse=mse, vb=jnp.zeros_like(mse))
 
   def val_loss(self, model_fn: Callable, x_data, t_B, noise) -> jax.Array:
     """Velocity MSE [B] at the given fixed t and noise (outputs converted to a velocity first)."""

@@ -160,6 +160,17 @@ def create(config, image_shape, num_classes: int) -> nn.Module:
                **_common_fields(config, num_classes), **family.config_fields(config))
 
 
+def name_of(model: nn.Module) -> str:
+  """The registered name of a built module whose shape is a table row, else a description."""
+  family = family_of(model)
+  if family.name == "DiT":
+    for size, s in family.sizes.items():
+      if (s.depth, s.hidden_size, s.num_heads) == (model.depth, model.hidden_size, model.num_heads):
+        return names("DiT", (size,), (model.patch_size,))[0]
+    return f"DiT(depth={model.depth}, hidden={model.hidden_size})/{model.patch_size}"
+  return f"{family.name}(model_channels={model.model_channels})"
+
+
 def family_of(model: nn.Module) -> Family:
   """The family of a built module."""
   for family in FAMILIES.values():

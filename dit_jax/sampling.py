@@ -24,13 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dit_jax import sharding as sharding_lib
-from dit_jax.diffusion import Diffusion, extract
-
-
-def per_example_normal(rng: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-  """Standard normal [B, ...]; row i comes from fold_in(rng, i), whatever B and the sharding."""
-  keys_B = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(shape[0]))
-  return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), dtype))(keys_B)
+from dit_jax.diffusion import Diffusion, extract, per_example_normal
 
 
 def ddpm_step(diffusion: Diffusion, model_out, x_t, t_B, noise, clip_denoised: bool = False):

@@ -25,12 +25,12 @@ from clu import parameter_overview, periodic_actions
 from dit_jax import checkpoint as checkpoint_lib
 from dit_jax import config_check
 from dit_jax import pipeline as pipeline_lib
-from dit_jax import diffusion as diffusion_lib
 from dit_jax import distributed
 from dit_jax import evaluators as evaluators_lib
 from dit_jax import flops
 from dit_jax import metric_log
 from dit_jax import models
+from dit_jax import objectives
 from dit_jax import sharding as sharding_lib
 from dit_jax import sources
 from dit_jax import train_step as step_lib
@@ -114,7 +114,7 @@ def restore_or_init(run: Run):
 def compile_step(run: Run, state):
   """(the compiled train step, seconds it took)."""
   config = run.config
-  step_fn = step_lib.jit_train_step(run.model, diffusion_lib.from_config(config), run.tx, run.mesh,
+  step_fn = step_lib.jit_train_step(run.model, objectives.create(config), run.tx, run.mesh,
                                     run.shardings, config.ema_decay,
                                     step_lib.learning_rate_schedule(config.optim))
   bs = step_lib.batch_shardings(run.mesh)

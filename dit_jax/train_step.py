@@ -17,9 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax import diffusion as diffusion_lib
 from dit_jax import models
-from dit_jax import sampling
 from dit_jax import sharding as sharding_lib
 
 
@@ -93,30 +91,19 @@ def create_train_state(model: nn.Module, tx, mesh, seed: int,
   return init(jax.random.PRNGKey(seed)), shardings
 
 
-def per_example_keys(key, batch: int):
-  """Example i's key depends only on (key, i): independent of the batch's sharding and device."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
-
-
-def draw_noise_and_t(k_noise, k_t, shape, num_timesteps: int) -> tuple:
-  """Per-example noise and timesteps: example i's draw depends on (key, i) only, so every example
-  on every device differs, and the values do not depend on how the batch is sharded."""
-  noise = sampling.per_example_normal(k_noise, shape)
-  t_B = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_timesteps, jnp.int32))(
-      per_example_keys(k_t, shape[0]))
-  return noise, t_B
-
-
-def train_step(state: TrainState, batch: dict, *, model: nn.Module,
-               diffusion: diffusion_lib.Diffusion, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, objective,
+               tx: optax.GradientTransformation,
                ema_decay: float, lr_fn: Optional[optax.Schedule] = None,
                batch_spec: Optional[NamedSharding] = None) -> tuple:
-  """One AdamW step on the diffusion loss; a non-finite loss or gradient skips the update."""
+  """One AdamW step on the objective's loss; a non-finite loss or gradient skips the update.
+
+  `objective` is a `diffusion.Diffusion` (DDPM) or a `flow.Flow`: both draw per-example noise and
+  times and give the per-example loss terms (objectives.py)."""
   x0 = batch["image"]
   y = batch["label"] if model.num_classes else None
   key = jax.random.fold_in(state.rng, state.step)
   k_noise, k_t, k_drop = jax.random.split(key, 3)
-  noise, t_B = draw_noise_and_t(k_noise, k_t, x0.shape, diffusion.num_timesteps)
+  noise, t_B = objective.draw_noise_and_t(k_noise, k_t, x0.shape)
   if batch_spec is not None:
     noise = jax.lax.with_sharding_constraint(noise, batch_spec)
     t_B = jax.lax.with_sharding_constraint(
@@ -126,7 +113,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     def model_fn(x_t, t_orig):
       return model.apply({"params": params}, x_t, t_orig, y, train=True,
                          rngs={"label_dropout": k_drop})
-    terms = diffusion.training_losses(model_fn, x0, t_B, noise)
+    terms = objective.training_losses(model_fn, x0, t_B, noise)
     return jnp.mean(terms["loss"]), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -159,10 +146,10 @@ def batch_shardings(mesh) -> dict:
           "label": NamedSharding(mesh, P(sharding_lib.BATCH_AXES))}
 
 
-def jit_train_step(model, diffusion, tx, mesh, shardings, ema_decay: float,
+def jit_train_step(model, objective, tx, mesh, shardings, ema_decay: float,
                    lr_fn: Optional[optax.Schedule] = None) -> Callable:
   """train_step jitted with state/batch shardings and the old state's buffers donated."""
-  fn = functools.partial(train_step, model=model, diffusion=diffusion, tx=tx, ema_decay=ema_decay,
+  fn = functools.partial(train_step, model=model, objective=objective, tx=tx, ema_decay=ema_decay,
                          lr_fn=lr_fn, batch_spec=sharding_lib.batch_sharding(mesh))
   return jax.jit(fn, in_shardings=(shardings, batch_shardings(mesh)),
                  out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))

@@ -50,6 +50,16 @@ BAD = [
     (dict(**{"data.name": "folder", "data.path": "/nonexistent/images"}), "does not exist"),
     (dict(**{"data.name": "latents", "data.path": ""}), "needs data.path"),
     (dict(**{"data.name": "imagenet"}), "imagenet"),
+    (dict(**{"diffusion.objective": "score"}), "diffusion.objective='score'"),
+    (dict(**{"diffusion.objective": "flow"}), "learn_sigma=True applies to the DDPM objective"),
+    (dict(learn_sigma=False, **{"diffusion.objective": "flow", "eval.fid.respacing": "ddim50"}),
+     "number of integration steps"),
+    (dict(learn_sigma=False, **{"diffusion.objective": "flow", "flow.sampler": "rk4"}),
+     "flow.sampler='rk4'"),
+    (dict(learn_sigma=False, **{"diffusion.objective": "flow", "eval.grid.guide_channels": 1}),
+     "guides every channel"),
+    (dict(learn_sigma=False, **{"diffusion.objective": "flow", "flow.path": "vp"}), "vp"),
+    (dict(**{"eval.clip_denoised": "yes"}), "eval.clip_denoised='yes'"),
 ]
 
 

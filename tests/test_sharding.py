@@ -50,9 +50,9 @@ def test_noise_and_t_differ_per_example_and_ignore_sharding():
   """Each example gets its own noise and t; a sharded draw equals the one-device draw."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(3))
   shape = (16, 8, 8, 2)
-  noise1, t1 = jax.jit(lambda a, b: train_step.draw_noise_and_t(a, b, shape, 1000))(k1, k2)
+  noise1, t1 = jax.jit(lambda a, b: diffusion_lib.create().draw_noise_and_t(a, b, shape))(k1, k2)
   mesh = sharding.create_mesh((8, 1, 1))
-  f = jax.jit(lambda a, b: train_step.draw_noise_and_t(a, b, shape, 1000),
+  f = jax.jit(lambda a, b: diffusion_lib.create().draw_noise_and_t(a, b, shape),
               out_shardings=(sharding.batch_sharding(mesh), train_step.batch_shardings(mesh)["label"]))
   noise8, t8 = f(k1, k2)
   assert len(noise8.sharding.device_set) == 8

@@ -12,13 +12,15 @@ written unless the whole state dict converts.
 import argparse
 import sys
 
-from dit_jax import convert, dit
+from dit_jax import convert, models
 
 
 def _check_named(model, name):
   """The tensors' model against a name like DiT-XL/2; returns the name's head count."""
-  size, patch = dit.parse_name(name)
-  s = dit.SIZES[size]
+  family, size, patch = models.parse(name)
+  if family.module is not type(model):
+    raise ValueError(f"{name} is a {family.name}, the checkpoint is an official DiT")
+  s = family.sizes[size]
   got = (model.depth, model.hidden_size, model.patch_size)
   if got != (s.depth, s.hidden_size, patch):
     raise ValueError(f"the checkpoint has depth {got[0]}, hidden size {got[1]}, patch {got[2]}; "
