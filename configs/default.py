@@ -89,6 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Clip x0 predictions to [-1, 1] while sampling (DDPM): auto = on for pixels (ADM), off for
   # latents (DiT's clip_denoised=False); on | off force it.
   config.eval.clip_denoised = "auto"
+  config.eval.seed = 0  # Evaluation noise and labels: common to every member and training seed.
   # The sample grid (evaluators.SampleGrid): a PNG of EMA samples, labels 0, 1, 2, ...
   config.eval.grid = ml_collections.ConfigDict()
   config.eval.grid.every_steps = 50_000  # Every N steps and at the end (0 = never).
@@ -108,6 +109,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval.fid.reference = ""  # Reference statistics .npz ('' = computed from the training data).
   config.eval.fid.reference_size = 10_000  # Training images in a computed reference (0 = all).
   config.eval.fid.cache_dir = ""  # Feature nets and references cache ('' = ~/.cache/dit_jax).
+  # Validation loss (evaluators.ValidationLoss) on the held-out split of data.val_size examples.
+  config.eval.val = ml_collections.ConfigDict()
+  config.eval.val.every_steps = 0  # Every N steps and at the end (0 = never; needs data.val_size).
+  config.eval.val.num_examples = 256  # Held-out examples scored (at most data.val_size).
+  config.eval.val.num_timesteps = 8  # Fixed stratified times per example (the same for every run).
+  config.eval.val.batch_size = 256  # Examples x times per forward batch.
 
   if arg == "cpu":
     config.model = "DiT-Mi/4"

@@ -28,6 +28,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sweep.patches = (8, 4, 2)  # ... these patch sizes.
   config.sweep.extra_models = ()  # Further members, e.g. U-Nets ('UNet-B'), on the same curve.
   config.sweep.member = ""  # Run only this member: its index or name (array jobs); '' = all.
+  config.sweep.seeds = (0,)  # Training seeds: every model is trained once per seed.
+  config.sweep.objectives = ("ddpm",)  # ddpm and/or flow (diffusion.objective) for every model.
+  config.sweep.budgets = ()  # Training compute budgets (Gflops): an iso-FLOP sweep (steps per model).
+  config.sweep.workers = 0  # Members trained at once, one process per core (0 = in this process).
 
   if arg == "paper":
     config.eval.fid.num_samples = 50_000  # FID-50K.

@@ -17,6 +17,7 @@ from dit_jax import evaluators
 from dit_jax import models
 from dit_jax import objectives
 from dit_jax import sharding as sharding_lib
+from dit_jax import splits
 from dit_jax import train_step
 
 # Fields that were renamed: an old name in a config file or on the command line is an error that
@@ -86,6 +87,7 @@ def check(config) -> None:
   train_step.check_config(config)
   models.check_config(config)
   objectives.check_config(config)
+  splits.check_config(config.data)
   evaluators.check_config(config)
   distributed.check_config(config.distributed)
 

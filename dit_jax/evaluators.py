@@ -6,12 +6,16 @@ scalars, plus `name` and `every_steps`; the loop calls them without knowing what
 - `SampleGrid` (`eval.grid.*`): a PNG grid of EMA samples (labels 0, 1, 2, ...) in workdir/samples.
 - `SampleQuality` (`eval.fid.*`): FID/sFID/IS/precision/recall of N EMA samples against reference
   statistics, named after the feature network (`fid_inception`, `fid_digits_cnn`).
+- `ValidationLoss` (`eval.val.*`): the objective's loss on the held-out split (`data.val_size`) at a
+  fixed stratified set of times with fixed noise per example: deterministic, identical for every
+  member and seed, and cheap, so it can run often (`val_loss`, `val_mse`, `val_vb`).
 
 Latent samples are decoded with the SD VAE at `eval.vae_path` before anything looks at them.
 """
 from __future__ import annotations
 
 import functools
+import json
 import math
 import pathlib
 import time
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 
 from dit_jax import diffusion as diffusion_lib
 from dit_jax import fid
+from dit_jax import files
 from dit_jax import images as images_lib
 from dit_jax import inception
 from dit_jax import objectives
@@ -48,6 +53,14 @@ def check_config(config) -> None:
         diffusion_lib.from_config(config, ev.respacing)
       except ValueError as e:
         raise ValueError(f"eval.{name}.respacing={ev.respacing!r}: {e}") from None
+  val = config.eval.val
+  if val.every_steps < 0 or (val.every_steps and (val.num_examples < 1 or val.num_timesteps < 1
+                                                   or val.batch_size < 1)):
+    raise ValueError(f"eval.val: every_steps must be >= 0, and num_examples, num_timesteps and "
+                     f"batch_size >= 1 (got {val.every_steps}, {val.num_examples}, "
+                     f"{val.num_timesteps}, {val.batch_size})")
+  if val.every_steps and not config.data.val_size:
+    raise ValueError("eval.val.every_steps > 0 needs a held-out split: set data.val_size > 0")
   if grid.every_steps and grid.num_samples < 1:
     raise ValueError(f"eval.grid.num_samples must be >= 1, got {grid.num_samples}")
   if q.every_steps and q.num_samples:
@@ -93,6 +106,7 @@ def decode_latents(vae_path, z, scaling_factor):
 class SampleGrid:
   """A PNG grid of EMA samples, labels 0, 1, 2, ... (process 0 writes it)."""
   name = "grid"
+  key = "sample_time_s"  # the scalar whose row in metrics.jsonl says this evaluation ran
 
   def __init__(self, config, source, model, mesh, workdir):
     ev = config.eval.grid
@@ -101,7 +115,7 @@ class SampleGrid:
     self._labels = np.arange(ev.num_samples, dtype=np.int32) % max(source.num_classes, 1)
     self._shape = (ev.num_samples,) + tuple(source.image_shape)
     # Host (numpy) inputs: on a multi-host mesh jit treats them as replicated global values.
-    self._rng = np.asarray(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1_000_003))
+    self._rng = np.asarray(jax.random.fold_in(jax.random.PRNGKey(config.eval.seed), 1_000_003))
     self._latents = source.kind == "latents"
     self._vae_path, self._scale = config.eval.vae_path, source.scaling_factor
     self._out = pathlib.Path(workdir) / "samples"
@@ -196,7 +210,6 @@ class SampleQuality:
   name = "fid"
 
   def __init__(self, config, source, model, mesh, workdir):
-    del workdir
     q = config.eval.fid
     self.every_steps = q.every_steps
     latents = source.kind == "latents"
@@ -210,8 +223,13 @@ class SampleQuality:
     name, feature_fn = fid.feature_network(
         data_cfg, q.feature_network, cache_dir=q.cache_dir or None,
         labelled_images=None if latents else labelled_images, log=logging.info)
-    self._suite = FidSuite(name, feature_fn, _reference(config, source, name, feature_fn,
-                                                        labelled_images, mesh),
+    reference = _reference(config, source, name, feature_fn, labelled_images, mesh)
+    if jax.process_index() == 0:  # which statistics the rows' FIDs were measured against
+      files.atomic_write_text(pathlib.Path(workdir) / "fid_reference.json", json.dumps(dict(
+          fid_reference=q.reference or f"cached:{source.name}/{config.data.split}",
+          fid_reference_fingerprint=reference.fingerprint(),
+          fid_reference_size=int(reference.num_images), fid_feature_net=name)))
+    self._suite = FidSuite(name, feature_fn, reference,
                            q.num_samples, q.batch_size, num_classes=model.num_classes or None,
                            mesh=mesh, data_axis=sharding_lib.BATCH_AXES, progress=False)
     # Samples stay sharded over the batch (no replicated output).
@@ -219,7 +237,8 @@ class SampleQuality:
     self._shape = (q.batch_size,) + tuple(source.image_shape)
     self._decode = (lambda x: decode_latents(config.eval.vae_path, x, source.scaling_factor)) \
         if latents else (lambda x: x)
-    self._seed, self._batch = config.seed, q.batch_size
+    self._seed, self._batch = config.eval.seed, q.batch_size
+    self.key = f"fid_{name}"
 
   def run(self, params, step: int) -> dict:
     def sample_fn(rng, labels):
@@ -229,9 +248,56 @@ class SampleQuality:
     return self._suite.run(sample_fn, jax.random.fold_in(jax.random.PRNGKey(self._seed + 1), step))
 
 
-def create(config, source, model, mesh, workdir) -> list:
+class ValidationLoss:
+  """Mean loss terms of the EMA model on the held-out examples x `num_timesteps` fixed times."""
+  name = "val"
+  key = "val_loss"
+
+  def __init__(self, config, val_source, model, mesh):
+    ev = config.eval.val
+    objective = objectives.create(config)
+    n = min(ev.num_examples, val_source.num_examples)
+    x, labels = val_source.read(np.arange(n), np.zeros(n, bool))
+    key = jax.random.PRNGKey(config.eval.seed + 2)
+    if val_source.kind == "latents":  # one fixed posterior draw per example
+      mean, logvar = np.split(np.asarray(x, np.float32), 2, axis=-1)
+      eps = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), mean.shape, jnp.float32))
+      x = (mean + np.exp(0.5 * logvar) * eps) * val_source.scaling_factor
+    else:
+      x = np.clip(np.asarray(x, np.float32) / 127.5 - 1.0, -1.0, 1.0)
+    k = ev.num_timesteps  # every example at every fixed time
+    self._x = np.repeat(x, k, axis=0)
+    self._y = np.repeat(np.asarray(labels, np.int32), k)
+    self._t = np.tile(np.asarray(objective.fixed_times(k)), n)
+    self._noise = np.asarray(diffusion_lib.per_example_normal(key, self._x.shape))
+    self.every_steps, self._batch = ev.every_steps, ev.batch_size
+    self._sharding, _ = fid.data_sharding(mesh, sharding_lib.BATCH_AXES)
+    conditional = bool(model.num_classes)
+
+    @jax.jit
+    def sums(params, x, y, t, noise):
+      fn = lambda x_t, t_m: model.apply({"params": params}, x_t, t_m, y if conditional else None)
+      terms = objective.validation_losses(fn, x, t, noise)
+      return {k_: jnp.sum(v) for k_, v in terms.items()}
+    self._sums = sums
+
+  def run(self, params, step: int) -> dict:
+    del step
+    total, n = {}, len(self._x)
+    for lo in range(0, n, self._batch):
+      hi = min(n, lo + self._batch)
+      part = [jax.device_put(a[lo:hi], self._sharding) if hi - lo == self._batch else a[lo:hi]
+              for a in (self._x, self._y, self._t, self._noise)]
+      for k_, v in self._sums(params, *part).items():
+        total[k_] = total.get(k_, 0.0) + float(v)
+    return {f"val_{k_}": v / n for k_, v in total.items()}
+
+
+def create(config, source, model, mesh, workdir, val_source=None) -> list:
   """The evaluators the config turns on, in the order the loop runs them."""
   out = []
+  if val_source is not None and config.eval.val.every_steps > 0:
+    out.append(ValidationLoss(config, val_source, model, mesh))
   if config.eval.grid.every_steps > 0:
     out.append(SampleGrid(config, source, model, mesh, workdir))
   if config.eval.fid.every_steps > 0 and config.eval.fid.num_samples > 0:

@@ -8,6 +8,7 @@ balls in squared-distance space. Every metric is named after the feature network
 batches (mu, sigma, mu_s, sigma_s, arr_0) are read as they are.
 """
 import dataclasses
+import hashlib
 import functools
 import math
 import pathlib
@@ -131,6 +132,13 @@ class Reference:
   sigma_s: np.ndarray | None = None
   features: np.ndarray | None = None  # pool features of up to PR_REFERENCE_SIZE images, for P/R
   num_images: int = 0
+
+  def fingerprint(self) -> str:
+    """sha256 (16 hex digits) of the statistics: which reference a FID was measured against."""
+    h = hashlib.sha256(self.feature_net.encode())
+    for a in (self.mu, self.sigma):
+      h.update(np.ascontiguousarray(a, np.float64).tobytes())
+    return h.hexdigest()[:16]
 
   def save(self, path) -> None:
     """Writes an .npz that ADM's evaluator could also read (mu, sigma, mu_s, sigma_s)."""

@@ -5,6 +5,7 @@ dropped with a warning, never parsed into a wrong row. A torn line anywhere else
 raises with the file and line named. Saves go to a temporary file in the same directory and are
 renamed into place, so a reader never sees half a file.
 """
+import fcntl
 import json
 import os
 import pathlib
@@ -34,20 +35,21 @@ def read_jsonl(path) -> list[dict]:
 
 
 def append_jsonl(path, rows) -> None:
-  """Appends rows, one JSON object per line; a torn last line left by a crash is finished first."""
+  """Appends rows, one JSON object per line; a torn last line left by a crash is cut off first."""
   path = pathlib.Path(path)
   if not rows:
     return
   with open(path, "a+b") as f:
-    if f.tell() > 0:
-      f.seek(-1, os.SEEK_END)
-      if f.read(1) != b"\n":
-        f.write(b"\n")
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    if size:
+      f.seek(max(0, size - 65536))
+      tail = f.read()
+      if not tail.endswith(b"\n"):
+        keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        warnings.warn(f"{path}: dropping a torn last line before appending")
+        f.truncate(keep)
     f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
-
-
-def _replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
-  os.replace(tmp, path)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -55,14 +57,14 @@ def atomic_write_text(path, text: str) -> None:
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
-  _replace(tmp, path)
+  os.replace(tmp, path)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_bytes(data)
-  _replace(tmp, path)
+  os.replace(tmp, path)
 
 
 def atomic_save_npz(path, **arrays) -> None:
@@ -70,11 +72,45 @@ def atomic_save_npz(path, **arrays) -> None:
   path = pathlib.Path(path)
   tmp = path.with_name(path.stem + ".tmp.npz")
   np.savez(tmp, **arrays)
-  _replace(tmp, path)
+  os.replace(tmp, path)
 
 
 def atomic_save_npy(path, array) -> None:
   path = pathlib.Path(path)
   tmp = path.with_name(path.stem + ".tmp.npy")
   np.save(tmp, array)
-  _replace(tmp, path)
+  os.replace(tmp, path)
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir for as long as a run or sweep uses it.
+
+  A second process on the same workdir fails at once with a message instead of colliding in its
+  checkpoints and results; the lock goes with the process, so a killed run leaves none behind.
+  (flock: local filesystems; network filesystems may not honour it.)
+  """
+
+  def __init__(self, workdir, name: str = ".lock"):
+    self.path = pathlib.Path(workdir) / name  # one per process of a multi-host job
+    self._f = None
+
+  def __enter__(self):
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._f = open(self.path, "a+")
+    try:
+      fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._f.seek(0)
+      holder = self._f.read().strip() or "another process"
+      self._f.close()
+      raise RuntimeError(f"{self.path.parent} is in use by {holder}; wait for it to finish or "
+                         f"use another workdir") from None
+    self._f.seek(0)
+    self._f.truncate()
+    self._f.write(f"pid {os.getpid()}")
+    self._f.flush()
+    return self
+
+  def __exit__(self, *exc):
+    fcntl.flock(self._f, fcntl.LOCK_UN)
+    self._f.close()

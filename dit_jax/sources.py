@@ -47,6 +47,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.split = "train"  # Split name ("train"/"test"); a folder path/<split> is used when it exists.
   cfg.flip = True  # Random horizontal flips (latents: picks the stored flipped encoding).
   cfg.max_examples = 0  # Use only the first N examples (0 = all), for quick runs and benchmarks.
+  cfg.val_size = 0  # Hold out this many examples for the validation loss (splits.py; 0 = none).
+  cfg.val_seed = 0  # Seed of the held-out split (not the training seed: every run holds out the same).
   cfg.max_in_memory_gb = 8.0  # Decode a folder/TFDS split into RAM once if it fits in this; else read lazily.
   cfg.tfds_probe_timeout_s = 3.0  # Connectivity probe before a TFDS download; offline fails in this time.
   cfg.num_workers = 8  # Threads decoding images for lazily-read sources.

@@ -27,12 +27,15 @@ from dit_jax import config_check
 from dit_jax import pipeline as pipeline_lib
 from dit_jax import distributed
 from dit_jax import evaluators as evaluators_lib
+from dit_jax import files
 from dit_jax import flops
 from dit_jax import metric_log
 from dit_jax import models
 from dit_jax import objectives
+from dit_jax import results
 from dit_jax import sharding as sharding_lib
 from dit_jax import sources
+from dit_jax import splits
 from dit_jax import train_step as step_lib
 
 
@@ -50,7 +53,9 @@ class Run:
   """What setup builds for one training run; nothing here holds device arrays yet."""
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
-  source: Any
+  source: Any  # the whole dataset (FID references are computed from it)
+  train_source: Any  # what the pipeline reads: the source less the held-out split
+  val_source: Any  # the held-out split (data.val_size), or None
   model: Any
   mesh: Any
   tx: Any
@@ -60,6 +65,7 @@ class Run:
   pipeline: Any
   ckpt: checkpoint_lib.Checkpointer
   data_state: dict  # what a resumed run and tools/sample.py need besides the arrays
+  lock: files.WorkdirLock  # held until the run returns
 
   @property
   def lead(self) -> bool:
@@ -75,14 +81,21 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   mesh = sharding_lib.create_mesh(config.mesh_shape)
   config_check.check_devices(config, mesh)
   workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"workdir {workdir} is a file, not a directory")
+  lock = files.WorkdirLock(workdir, f".lock.{jax.process_index()}").__enter__()
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    try:  # only an identical config resumes (or starts) here
+      results.check_same_config(workdir / "config.json", config)
+    except ValueError:
+      lock.__exit__()
+      raise
   tx = step_lib.create_optimizer(config.optim)
   rules = tuple(tuple(r) for r in config.logical_axis_rules) if config.logical_axis_rules else \
       sharding_lib.DEFAULT_RULES
   abstract_state, shardings = step_lib.state_shardings(model, tx, mesh, rules)
-  pipeline = pipeline_lib.Pipeline(source, config.batch_size, config.seed,
+  train_source, val_source = splits.split(source, config.data.val_size, config.data.val_seed)
+  pipeline = pipeline_lib.Pipeline(train_source, config.batch_size, config.seed,
                                    sharding_lib.batch_sharding(mesh))
   logging.info("data: %s", sources.describe(source))
   logging.info("mesh: %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
@@ -92,8 +105,8 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   data_state = dict(seed=config.seed, global_batch_size=config.batch_size,
                     image_shape=list(source.image_shape), num_classes=source.num_classes,
                     kind=source.kind, scaling_factor=source.scaling_factor)
-  return Run(config, workdir, source, model, mesh, tx, rules, abstract_state, shardings, pipeline,
-             ckpt, data_state)
+  return Run(config, workdir, source, train_source, val_source, model, mesh, tx, rules,
+             abstract_state, shardings, pipeline, ckpt, data_state, lock)
 
 
 def restore_or_init(run: Run):
@@ -175,6 +188,14 @@ def evaluate(run: Run, evaluators, state, step: int, writer, wall_t0: float) -> 
       logging.info("step %d %s: %s", step, ev.name, scores)
 
 
+def unfinished(run: Run, evaluators, step: int) -> list:
+  """The evaluators due at `step` whose scalars metrics.jsonl lacks: a run killed after the
+  checkpoint of `step` but before (or during) its evaluation redoes them on resume."""
+  done = {k for r in files.read_jsonl(run.workdir / "metrics.jsonl") if r.get("step") == step
+          for k in r}
+  return [ev for ev in evaluators if ev.key not in done]
+
+
 def _start_logging(run: Run, state, start: int, compile_s: float):
   """The writer and the log window; the run's size and compile time go in first."""
   writer = metric_log.create_writer(run.workdir)
@@ -199,16 +220,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir):
   final TrainState."""
   wall_t0 = time.perf_counter()
   run = setup(config, workdir)
+  try:
+    return _train(run, wall_t0)
+  finally:
+    run.lock.__exit__()
+
+
+def _train(run: Run, wall_t0: float):
+  """The loop of `train_and_evaluate` once setup has passed."""
+  config = run.config
   state = restore_or_init(run)
   start, last = int(jax.device_get(state.step)), config.num_train_steps
   compiled, compile_s = compile_step(run, state)
   writer, log = _start_logging(run, state, start, compile_s)
-  evaluators = evaluators_lib.create(config, run.source, run.model, run.mesh, run.workdir)
+  evaluators = evaluators_lib.create(config, run.source, run.model, run.mesh, run.workdir,
+                                     run.val_source)
   hooks = [periodic_actions.ReportProgress(num_train_steps=last, writer=writer,
                                            every_steps=config.log_every_steps)] if run.lead else []
   preempt = distributed.Preemption()
   hashes = BatchHashes(run.workdir / f"batch_hashes.{jax.process_index()}.jsonl") \
       if config.record_batch_hashes else None
+  if start > 0:
+    evaluate(run, unfinished(run, evaluators, start), state, start, writer, wall_t0)
   prev = None
   try:
     for step, batch in zip(range(start, last), run.pipeline.iterate(start)):

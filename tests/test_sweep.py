@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dit_jax import sweep, train
+from dit_jax import files, sweep, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,8 +41,8 @@ def test_two_member_sweep_end_to_end_and_rerun(tmp_path, monkeypatch):
   work = tmp_path / "sweep"
   assert sweep.run(config, work) == []
   got = rows(work / "results.jsonl")
-  assert [(r["run"], r["step"]) for r in got] == [("DiT-Pico/8", 2), ("DiT-Pico/8", 4),
-                                                  ("DiT-Pico/4", 2), ("DiT-Pico/4", 4)]
+  assert [(r["run"], r["step"]) for r in got] == [("DiT-Pico/8-s0", 2), ("DiT-Pico/8-s0", 4),
+                                                  ("DiT-Pico/4-s0", 2), ("DiT-Pico/4-s0", 4)]
   for r in got:
     assert r["status"] == "ok" and r["fid_metric"] == "fid_digits_cnn" and r["fid"] > 0
     assert r["train_compute_gflops"] == pytest.approx(r["gflops"] * 16 * r["step"] * 3)
@@ -78,22 +78,31 @@ def test_failed_member_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         json.dumps({"step": 4, "images_per_sec": 10.0}) + "\n" +
         json.dumps({"step": 4, "fid_digits_cnn": 12.5, "wall_s": 3.0}) + "\n")
   monkeypatch.setattr(train, "train_and_evaluate", fake_train)
-  assert sweep.run(config, tmp_path / "w") == ["DiT-Pico/8"]
+  assert sweep.run(config, tmp_path / "w") == ["DiT-Pico/8-s0"]
   got = rows(tmp_path / "w" / "results.jsonl")
   assert got[0]["status"] == "failed" and "out of memory" in got[0]["error"]
-  assert got[1]["run"] == "DiT-Pico/4" and got[1]["fid"] == 12.5 and got[1]["final"]
+  assert got[1]["run"] == "DiT-Pico/4-s0" and got[1]["fid"] == 12.5 and got[1]["final"]
   assert trained == ["DiT-Pico/4"]
 
 
 def test_member_selection_and_config_errors(tmp_path):
-  names = sweep.member_names(dit_sweep.get_config("").sweep)
+  config = dit_sweep.get_config("")
+  names = sweep.model_names(config.sweep)
   assert names[:3] == ["DiT-Pico/8", "DiT-Pico/4", "DiT-Pico/2"] and names[-1] == "UNet-Pico"
-  assert sweep.select(names, "1") == ["DiT-Pico/4"]
-  assert sweep.select(names, "UNet-Pico") == ["UNet-Pico"]
+  config.sweep.seeds, config.sweep.objectives = (0, 1), ("ddpm", "flow")
+  members = sweep.plan(config, {n: 1.0 for n in names})
+  assert len(members) == len(names) * 4
+  assert [m.run for m in members[:4]] == ["DiT-Pico/8-s0", "DiT-Pico/8-s1", "DiT-Pico/8-flow-s0",
+                                          "DiT-Pico/8-flow-s1"]
+  assert sweep.select(members, "1")[0].run == "DiT-Pico/8-s1"
+  assert [m.run for m in sweep.select(members, "UNet-Pico")] == [
+      "UNet-Pico-s0", "UNet-Pico-s1", "UNet-Pico-flow-s0", "UNet-Pico-flow-s1"]
   with pytest.raises(ValueError, match="not in the sweep"):
-    sweep.select(names, "DiT-XL/2")
-  with pytest.raises(ValueError, match="has 7 members"):
-    sweep.select(names, "7")
+    sweep.select(members, "DiT-XL/2")
+  with pytest.raises(ValueError, match="has 28 members"):
+    sweep.select(members, "28")
+  flow = sweep.member_config(config, members[2])
+  assert flow.diffusion.objective == "flow" and not flow.learn_sigma and flow.seed == 0
   config = tiny_sweep(tmp_path)
   config.sweep.patches = (3,)  # does not tile 8x8: an error before anything trains
   with pytest.raises(ValueError, match="does not divide"):
@@ -118,7 +127,7 @@ def test_sigterm_stops_the_sweep_without_marking_the_member_finished(tmp_path, m
   monkeypatch.setattr(train, "train_and_evaluate", preempted_train)
   assert sweep.run(config, tmp_path / "w") == []
   assert trained == ["DiT-Pico/8"]
-  assert sweep.finished(tmp_path / "w" / "results.jsonl") == set()
+  assert not [r for r in files.read_jsonl(tmp_path / "w" / "results.jsonl") if r.get("final")]
 
 
 @pytest.mark.slow
@@ -126,7 +135,8 @@ def test_slurm_array_script_runs_its_member(tmp_path):
   """tools/slurm_sweep.sbatch end to end with a stand-in `srun`: array task 1 trains member 1."""
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
-  n = len(sweep.member_names(dit_sweep.get_config("paper").sweep))
+  paper = dit_sweep.get_config("paper")
+  n = len(sweep.model_names(paper.sweep)) * len(paper.sweep.seeds) * len(paper.sweep.objectives)
   script = ROOT / "tools" / "slurm_sweep.sbatch"
   assert f"#SBATCH --array=0-{n - 1}\n" in script.read_text()  # one task per paper member
   bin_dir = tmp_path / "bin"
@@ -145,7 +155,7 @@ def test_slurm_array_script_runs_its_member(tmp_path):
                        capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   got = rows(tmp_path / "w" / "results.jsonl")
-  assert [r["run"] for r in got] == ["DiT-Pico/4"] and got[0]["step"] == 2 and got[0]["final"]
+  assert [r["run"] for r in got] == ["DiT-Pico/4-s0"] and got[0]["step"] == 2 and got[0]["final"]
 
 
 def test_tpu_pod_launcher_checks_its_arguments():

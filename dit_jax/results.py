@@ -1,0 +1,113 @@
+"""Results rows: one per evaluation of a sweep member, each saying how it was measured.
+
+A row holds the member's identity (run, model, family, size, patch, objective, seed, budget), its
+cost (params, Gflops, training compute = 3 x Gflops x batch x step, the paper's measure), its
+metrics (fid with fid_metric, the feature network's name; val_loss; sFID/IS/P-R) and their
+provenance: sample count, reference statistics (fingerprint, size), sampler and steps, guidance
+and guided channels, clipping, EMA decay, and `config_fingerprint`, a hash of every field of the
+member's config that can change a number. Re-runs compare fingerprints, never names alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pathlib
+
+from flax import traverse_util
+
+from dit_jax import files
+from dit_jax import objectives
+
+# Fields that cannot change a result: where things go, how often they are logged or saved, how the
+# work is laid out over devices and processes. Everything else is part of the fingerprint.
+NOT_FINGERPRINTED = ("workdir", "distributed", "async_checkpoints", "keep_checkpoints",
+                     "checkpoint_every_steps", "log_every_steps", "record_batch_hashes",
+                     "peak_tflops_per_device", "mesh_shape", "logical_axis_rules",
+                     "eval.fid.cache_dir", "data.num_workers", "data.max_in_memory_gb",
+                     "data.tfds_probe_timeout_s", "data.tfds_data_dir")
+METRIC_PREFIXES = ("fid", "sfid", "is", "precision", "recall")
+
+
+def _flat(config) -> dict:
+  flat = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+  return {k: v for k, v in flat.items()
+          if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
+
+
+def fingerprint(config) -> str:
+  """sha256 (16 hex digits) of the result-changing fields of a training config."""
+  return hashlib.sha256(json.dumps(_flat(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_fields(old_config_dict: dict, config) -> list[str]:
+  """The result-changing fields that differ between a saved config (dict) and `config`."""
+  old = {k: v for k, v in traverse_util.flatten_dict(old_config_dict, sep=".").items()
+         if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
+  new = _flat(config)
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def check_same_config(path, config) -> None:
+  """Refuses to continue a run whose saved config (`path`, JSON) differs in a result-changing
+  field; writes the config when there is none yet."""
+  path = pathlib.Path(path)
+  if path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e.msg}); move it away or use a new workdir"
+                       ) from None
+    changed = changed_fields(saved, config)
+    if changed:
+      show = ", ".join(f"{k}" for k in changed[:8]) + (" ..." if len(changed) > 8 else "")
+      raise ValueError(f"{path.parent} was trained with another config ({len(changed)} field(s) "
+                       f"differ: {show}); use a new workdir, or restore those fields to resume")
+    return
+  files.atomic_write_text(path, config.to_json_best_effort(indent=1))
+
+
+def provenance(config, data_kind: str) -> dict:
+  """How the member's metrics were measured, from its config."""
+  q, val = config.eval.fid, config.eval.val
+  flow = config.diffusion.objective == "flow"
+  return dict(
+      objective=config.diffusion.objective, seed=config.seed, eval_seed=config.eval.seed,
+      batch_size=config.batch_size, num_train_steps=config.num_train_steps,
+      ema_decay=config.ema_decay, fid_num_samples=q.num_samples,
+      fid_sampler=config.flow.sampler if flow else "ddpm", fid_steps=str(q.respacing),
+      fid_cfg_scale=q.cfg_scale, fid_guide_channels=0 if flow else q.guide_channels,
+      clip_denoised=False if flow else objectives.clip_denoised(config, data_kind),
+      val_num_examples=min(val.num_examples, config.data.val_size) if val.every_steps else 0,
+      val_num_timesteps=val.num_timesteps if val.every_steps else 0,
+      config_fingerprint=fingerprint(config))
+
+
+def evaluation_rows(run: str, run_dir, info: dict, extra: dict) -> list[dict]:
+  """One row per evaluated step in the member's metrics.jsonl (FID and validation rows of one
+  step are merged; a step evaluated again after a resume keeps its newest values)."""
+  run_dir = pathlib.Path(run_dir)
+  by_step, speeds = {}, []
+  for m in files.read_jsonl(run_dir / "metrics.jsonl"):
+    if "step" not in m:
+      continue
+    if "images_per_sec" in m:
+      speeds.append(m["images_per_sec"])
+    step = int(m["step"])
+    scores = {k: v for k, v in m.items()
+              if k.split("_")[0] in METRIC_PREFIXES or k.startswith("val_")}
+    fids = {k: v for k, v in scores.items() if k.startswith("fid_")}
+    if fids:
+      (metric, value), = fids.items()
+      scores.update(fid=value, fid_metric=metric, wall_s=m.get("wall_s", math.nan))
+    if scores:
+      by_step.setdefault(step, {}).update(scores)
+  reference = run_dir / "fid_reference.json"
+  ref = json.loads(reference.read_text()) if reference.exists() else {}
+  rows = []
+  for step in sorted(by_step):
+    rows.append(dict(run=run, **info, step=step,
+                     train_compute_gflops=info["gflops"] * extra["batch_size"] * step * 3,
+                     images_per_s=sum(speeds) / len(speeds) if speeds else math.nan, status="ok",
+                     **by_step[step], **extra, **ref))
+  return rows
