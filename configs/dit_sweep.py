@@ -5,16 +5,20 @@
       --config.data.path=/gcs/imagenet256_latents    # on a pod: tools/launch_tpu_pod.sh
   python -m dit_jax.main --config=configs/dit_sweep.py:mnist --config.sweep.member=3   # one member
 
-Presets: '' / 'cpu' (the default: scikit-learn digits at 16x16, offline, about 15 min on 2 cores),
-'paper' (the DiT paper's 12 models on ImageNet-256 latents, batch 256, 400K steps, FID-50K with 250
-DDPM steps and no guidance), 'mnist' and 'cifar10' (tfds, or local files via --config.data.path),
-'folder' (a class-folder dataset at --config.data.path).
+Presets: '' / 'cpu' (the default: scikit-learn digits at 16x16, offline, 3 seeds per member, two
+members at a time, one per core; experiments/cpu_sweep), 'cpu1' (the same with one seed, one
+member at a time: the single-seed baseline), 'isoflop' (3 compute budgets x 4 DiTs on the digits,
+validation loss; experiments/cpu_isoflop), 'flow_vs_ddpm' (the default grid trained with both
+objectives), 'paper' (the DiT paper's 12 models on ImageNet-256 latents, batch 256, 400K steps,
+FID-50K with 250 DDPM steps and no guidance; `sweep.seeds` and `sweep.budgets` for pods), 'mnist'
+and 'cifar10' (tfds, or local files via --config.data.path), 'folder' (a class-folder dataset at
+--config.data.path).
 """
 import ml_collections
 
 from configs import default
 
-PRESETS = ("", "cpu", "paper", "mnist", "cifar10", "folder")
+PRESETS = ("", "cpu", "cpu1", "isoflop", "flow_vs_ddpm", "paper", "mnist", "cifar10", "folder")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -59,6 +63,29 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval.fid.num_samples = 512
   config.eval.fid.batch_size = 128
   config.eval.fid.cfg_scale = 1.0  # No guidance, as the paper's Table 4.
+  # The held-out split and the validation loss (every 100 steps: the low-noise curve).
+  config.data.val_size = 256
+  config.eval.val.every_steps = 100
+  config.eval.val.num_examples = 256
+  config.eval.val.num_timesteps = 8
+  if arg in ("", "cpu", "flow_vs_ddpm"):
+    config.sweep.seeds = (0, 1, 2)
+    config.sweep.workers = 2  # small members do not use the second core; two processes do
+  if arg == "flow_vs_ddpm":
+    config.sweep.objectives = ("ddpm", "flow")
+    config.sweep.extra_models = ()
+  if arg == "isoflop":
+    # Training compute C = 3 x Gflops x batch x steps; each model gets the steps that spend each
+    # budget (Nano/2: 57 steps at 300 Gflops; Pico/4: 3700 at 2700). Scored by the validation
+    # loss, at the end of each run (FID-512 would cost more than most of these runs).
+    config.sweep.sizes = ("Pico", "Nano")
+    config.sweep.patches = (4, 2)
+    config.sweep.extra_models = ()
+    config.sweep.budgets = (300.0, 900.0, 2700.0)
+    config.sweep.workers = 2
+    config.eval.fid.every_steps = 0
+    config.eval.grid.every_steps = 0
+    config.checkpoint_every_steps = 1000
   if arg in ("mnist", "cifar10", "folder"):
     config.data.name = arg
     config.data.image_size = 32  # MNIST's 28 px are resized to 32 so patches 8/4/2 tile it.

@@ -24,7 +24,7 @@ import numpy as np
 from dit_jax import sharding as sharding_lib
 from dit_jax.flow import Flow, broadcast_t, shift_sigma, shift_time
 from dit_jax.diffusion import per_example_normal
-from dit_jax.sampling import _check_shape, cfg_model_fn
+from dit_jax.sampling import cfg_model_fn, start
 
 METHODS = ("euler", "heun", "euler_maruyama")
 SCHEDULES = ("uniform", "diffusers")
@@ -168,12 +168,7 @@ def _check_sde(flow, form, norm, kind, size):
 # Sampling loops.
 
 def _run(step_fn, shape, rng, times, x_init, sharding, return_trajectory, finish=None):
-  shape = _check_shape(shape, x_init)
-  rng_init, rng_steps = jax.random.split(rng)
-  constrain = ((lambda x: jax.lax.with_sharding_constraint(x, sharding)) if sharding is not None
-               else (lambda x: x))
-  x = per_example_normal(rng_init, shape) if x_init is None else x_init.astype(jnp.float32)
-  x = constrain(x)
+  shape, x, rng_steps, constrain = start(shape, rng, x_init, sharding)
   times = jnp.asarray(times, jnp.float32)
 
   def body(x, inputs):

@@ -3,7 +3,11 @@
   python -m dit_jax.main --config=configs/default.py:cpu --workdir=/tmp/dit     # one model
   python -m dit_jax.main --config=configs/dit_sweep.py                          # the scaling sweep
 """
+import os
 import sys
+
+# TensorFlow (via clu and tfds) logs its C++ INFO lines at import; keep its warnings and errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,6 +22,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and res
                     "(default: the config's `workdir` field).")
 config_flags.DEFINE_config_file("config", None, "Config file (with an optional :preset).",
                                 lock_config=True)
+flags.DEFINE_bool("verbose", False, "A sweep logs only one line per member and errors; --verbose "
+                  "brings back the INFO logs (training metrics, orbax, TensorFlow).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -31,6 +37,8 @@ def main(argv):
   workdir = FLAGS.workdir or config.get("workdir")
   if not workdir:
     raise app.UsageError("--workdir is required (this config has no default workdir)")
+  if "sweep" in config and not FLAGS.verbose:
+    logging.set_verbosity(logging.WARNING)  # the sweep prints its own progress lines
   logging.info("config:\n%s", config)
   # Before anything touches a device: the sweep compiles cost analyses before its first member.
   distributed.maybe_initialize(config.distributed)

@@ -62,13 +62,19 @@ def _check_shape(shape, x_T):
   return shape
 
 
-def _sample_loop(step_fn, model_fn, diffusion, shape, rng, x_T, sharding, progressive):
+def start(shape, rng, x_T, sharding) -> tuple:
+  """What every sampling loop starts from: (shape, x_T, the per-step key, the sharding
+  constraint); x_T is per-example noise from the first half of `rng` unless given."""
   shape = _check_shape(shape, x_T)
   rng_init, rng_steps = jax.random.split(rng)
   constrain = ((lambda x: jax.lax.with_sharding_constraint(x, sharding)) if sharding is not None
                else (lambda x: x))
   x_start = per_example_normal(rng_init, shape) if x_T is None else x_T.astype(jnp.float32)
-  x_start = constrain(x_start)
+  return shape, constrain(x_start), rng_steps, constrain
+
+
+def _sample_loop(step_fn, model_fn, diffusion, shape, rng, x_T, sharding, progressive):
+  shape, x_start, rng_steps, constrain = start(shape, rng, x_T, sharding)
 
   def body(x, i):
     t_B = jnp.full((shape[0],), i, jnp.int32)

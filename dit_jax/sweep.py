@@ -185,8 +185,9 @@ class _Progress:
     eta = elapsed * (self.total - self.done) / max(self.done, 1e-9)
     last = rows[-1] if rows else {}
     score = " ".join(f"{k} {last[k]:.4g}" for k in ("fid", "val_loss") if k in last)
-    logging.warning("sweep [%d/%d] %s: %s in %.0f s; elapsed %.0f s, ETA ~%.0f s", self.n,
-                    len(self.cost), m.run, score or "failed", seconds, elapsed, eta)
+    if jax.process_index() == 0:
+      print(f"sweep [{self.n}/{len(self.cost)}] {m.run}: {score or 'failed'} in {seconds:.0f} s; "
+            f"elapsed {elapsed:.0f} s, ETA ~{eta:.0f} s", flush=True)
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
@@ -206,8 +207,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
                          f"{done[m.run]}, now {fp}); use a new workdir")
       if m.run not in done:
         todo.append(m)
-    logging.warning("sweep: %d members, %d to train (%d finished) in %s", len(members), len(todo),
-                    len(members) - len(todo), workdir)
+    if jax.process_index() == 0:
+      print(f"sweep: {len(members)} members, {len(todo)} to train ({len(members) - len(todo)} "
+            f"finished) in {workdir}", flush=True)
     failed = _train_all(config, workdir, todo, infos, data_kind, path)
     if jax.process_index() == 0 and files.read_jsonl(path):
       report.write(files.read_jsonl(path), workdir)

@@ -4,7 +4,7 @@ On a small CPU most members do not speed up on a second core (XLA:CPU keeps a sm
 on about one core), but two processes, one per core, do run twice the work. `sweep.workers = N`
 runs N members at once, member k of the queue on core k mod N. Each worker is
 
-  python -m dit_jax.workers MEMBER_CONFIG.json RUN_DIR
+  python -m dit_jax.workers MEMBER_CONFIG.json RUN_DIR CORE
 
 training one member with `train.train_and_evaluate` (its own workdir lock, checkpoints, resume)
 and logging to RUN_DIR/train.log. Only the parent writes results rows, so nothing interleaves.
@@ -48,8 +48,8 @@ def run_pool(jobs: list, num_workers: int, on_done: Callable, poll_s: float = 0.
           json.dump(cfg, f, indent=1)
         log = open(os.path.join(run_dir, "train.log"), "a")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dit_jax.workers", cfg_path, run_dir], stdout=log,
-            stderr=subprocess.STDOUT, preexec_fn=lambda c=core: os.sched_setaffinity(0, {c}))
+            [sys.executable, "-m", "dit_jax.workers", cfg_path, run_dir, str(core)], stdout=log,
+            stderr=subprocess.STDOUT)
         running[key] = (proc, time.perf_counter(), core, log)
       if stop["term"]:
         for proc, *_ in running.values():
@@ -77,8 +77,11 @@ def last_error(run_dir) -> str:
 
 
 def main(argv) -> int:
-  """A worker: train the member whose config is argv[1] in workdir argv[2]."""
-  config_path, run_dir = argv[1], argv[2]
+  """A worker: train the member whose config is argv[1] in workdir argv[2] on core argv[3]."""
+  config_path, run_dir, core = argv[1], argv[2], int(argv[3])
+  # Before the first computation creates XLA's CPU client, whose thread pool is sized by the cores
+  # this process may use.
+  os.sched_setaffinity(0, {core})
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   state = train.train_and_evaluate(config, run_dir)
