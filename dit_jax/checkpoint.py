@@ -11,6 +11,7 @@ import shutil
 from typing import Any, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 
@@ -88,7 +89,6 @@ def remove_partial_saves(directory) -> list:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p.name)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("dit_jax.checkpoint.remove_partial_saves")
   return removed
 

@@ -11,6 +11,7 @@ import pathlib
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from dit_jax import dit as dit_lib
 from dit_jax import models
@@ -142,7 +143,7 @@ def from_official(state_dict: dict, model: dit_lib.DiT) -> dict:
 
 
 def _map(sd: dict, model: dit_lib.DiT) -> dict:
-  d, p, h = model.hidden_size, model.patch_size, model.num_heads
+  d, h = model.hidden_size, model.num_heads
   w = sd["x_embedder.proj.weight"]  # (D, C, p, p) -> tokens are flattened as (p, q, c)
   params = {
       "x_embedder": {"kernel": w.transpose(2, 3, 1, 0).reshape(-1, d),
@@ -184,7 +185,6 @@ MODEL_FIELDS = ("input_size", "in_channels", "patch_size", "hidden_size", "depth
 
 def save(directory, params, model: dit_lib.DiT) -> None:
   """Writes params (orbax) and the model's fields (model.json) to `directory`."""
-  import orbax.checkpoint as ocp
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
   (directory / "model.json").write_text(json.dumps({f: getattr(model, f) for f in MODEL_FIELDS}))
@@ -194,7 +194,6 @@ def save(directory, params, model: dit_lib.DiT) -> None:
 
 def load(directory, **model_overrides):
   """Reads what `save` wrote: returns (model, params)."""
-  import orbax.checkpoint as ocp
   directory = pathlib.Path(directory).absolute()
   fields = json.loads((directory / "model.json").read_text())
   model = dit_lib.DiT(**{**fields, **model_overrides})

@@ -7,6 +7,7 @@ import gzip
 import pathlib
 
 import numpy as np
+from sklearn.datasets import load_digits
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -96,7 +97,6 @@ def write_npz(path, images, labels) -> None:
 
 def read_digits():
   """scikit-learn's bundled 8x8 handwritten digits (1797 images, 0..16 ink) as (N, 8, 8, 1) uint8."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   digits = load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
   return images[..., None], digits.target.astype(np.int32)

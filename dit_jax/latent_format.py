@@ -9,6 +9,7 @@ import pathlib
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from dit_jax import files
 
@@ -64,7 +65,6 @@ def write_latents(source, encode_fn, directory, *, shard_size: int, batch_size: 
   exist is skipped, and files appear atomically (tmp + rename), so an interrupted run resumes where
   it stopped.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   if source.kind != "pixels":
     raise ValueError(f"write_latents needs a pixel source, got {source.kind!r}")
   directory = pathlib.Path(directory)
