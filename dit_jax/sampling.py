@@ -138,22 +138,29 @@ def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: i
 
 
 def make_sample_fn(model, diffusion: Diffusion, *, sampler: str = "ddpm", cfg_scale: float = 1.0,
-                   guide_channels: Optional[int] = None, eta: float = 0.0, mesh=None) -> Callable:
+                   guide_channels: Optional[int] = None, eta: float = 0.0, mesh=None,
+                   null_label=None) -> Callable:
   """jitted (params, labels_B, rng, x_shape) -> samples of a DiT or U-Net; cfg_scale != 1 guides.
 
+  Labels are guided against `null_label`, by default the null class of a class-conditional model
+  (num_classes; an unconditional model ignores labels). A model whose labels are something else
+  passes it: a text.TextConditioned reads caption ids (B, L), null_label=tokenizer.null_tokens().
   With `mesh` the samples come back replicated, so every process can read them (multi-host).
   """
   if sampler not in ("ddpm", "ddim"):
     raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
   out = sharding_lib.replicated(mesh) if mesh is not None else None
+  if null_label is None and getattr(model, "num_classes", 0):
+    null_label = model.num_classes
+  conditional = null_label is not None
 
   @functools.partial(jax.jit, static_argnums=(3,), out_shardings=out)
   def sample(params, y_B, rng, shape):
-    if model.num_classes and cfg_scale != 1.0:
+    if conditional and cfg_scale != 1.0:
       fn = cfg_model_fn(lambda x, t, y: model.apply({"params": params}, x, t, y), y_B,
-                        model.num_classes, cfg_scale, guide_channels)
+                        null_label, cfg_scale, guide_channels)
     else:
-      fn = lambda x, t: model.apply({"params": params}, x, t, y_B if model.num_classes else None)
+      fn = lambda x, t: model.apply({"params": params}, x, t, y_B if conditional else None)
     if sampler == "ddpm":
       return ddpm_sample(fn, diffusion, shape, rng)
     return ddim_sample(fn, diffusion, shape, rng, eta=eta)
