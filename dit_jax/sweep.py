@@ -18,6 +18,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from dit_jax import captions
 from dit_jax import config_check
 from dit_jax import files
 from dit_jax import models
@@ -116,7 +117,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
   workdir = pathlib.Path(workdir)
   check_config(config)
   names = select(member_names(config.sweep), config.sweep.member)
-  source = sources.create_source(config.data)  # checks the data before anything compiles
+  # Checks the data (and a text run's captions) before anything compiles.
+  source = captions.training_source(config, sources.create_source(config.data))
   infos = {}
   for name in names:  # every member's config errors surface here, before any training
     cfg = member_config(config, name)

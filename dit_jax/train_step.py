@@ -113,7 +113,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                batch_spec: Optional[NamedSharding] = None) -> tuple:
   """One AdamW step on the diffusion loss; a non-finite loss or gradient skips the update."""
   x0 = batch["image"]
-  y = batch["label"] if model.num_classes else None
+  y = batch["label"] if models.reads_labels(model) else None  # class labels or caption ids
   key = jax.random.fold_in(state.rng, state.step)
   k_noise, k_t, k_drop = jax.random.split(key, 3)
   noise, t_B = draw_noise_and_t(k_noise, k_t, x0.shape, diffusion.num_timesteps)
