@@ -1,6 +1,8 @@
 """Training config. `--config=configs/default.py` is the paper's DiT-XL/2 ImageNet-256 recipe;
 `--config=configs/default.py:cpu` a DiT-Mi/4 (6 blocks, width 192) on scikit-learn's 8x8 digits
-upscaled to 16x16 that trains in a few minutes on a laptop CPU. Any field can be overridden on the command line: `--config.batch_size=64`.
+upscaled to 16x16 that trains in a few minutes on a laptop CPU; `:cpu_text` the same DiT with
+cross-attention to captions ("a handwritten digit seven") instead of class labels, sampled from prompts
+by tools/sample_prompt.py. Any field can be overridden on the command line: `--config.batch_size=64`.
 """
 import ml_collections
 
@@ -8,9 +10,10 @@ from dit_jax import sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  """The config of preset `arg`: '' / 'paper' (DiT-XL/2 on latents) or 'cpu' (tiny, digits)."""
-  if arg not in ("", "paper", "cpu"):
-    raise ValueError(f"unknown preset {arg!r}; use 'paper' (default) or 'cpu'")
+  """The config of preset `arg`: '' / 'paper' (DiT-XL/2 on latents), 'cpu' (tiny, digits) or
+  'cpu_text' (tiny, digits with captions)."""
+  if arg not in ("", "paper", "cpu", "cpu_text"):
+    raise ValueError(f"unknown preset {arg!r}; use 'paper' (default), 'cpu' or 'cpu_text'")
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds the parameters, the per-step noise/t/label-dropout keys and the data order.
 
@@ -53,6 +56,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data.path = ""  # The latents directory (required for the paper preset).
   config.data.image_size = 0  # 0 = whatever the latents were extracted at (256 px -> 32x32x4).
   config.data.flip = True  # Horizontal flips, the paper's only augmentation.
+
+  # Text conditioning (captions.py): captions of the class labels replace the labels; the model is a
+  # caption encoder (text.TextEncoder) whose tokens the DiT (conditioning='cross_attn') or U-Net
+  # cross-attends to. The tokenizer is saved as workdir/tokenizer.json.
+  config.text = ml_collections.ConfigDict()
+  config.text.enabled = False  # Train on captions (token ids) instead of class labels.
+  config.text.template = ""  # Caption of a class, '{}' = its name ('' = text.TEMPLATES[data.name]).
+  config.text.width = 128  # Caption encoder width (= the backbone's context_dim).
+  config.text.depth = 2  # Caption encoder transformer layers.
+  config.text.num_heads = 4  # Caption encoder attention heads.
+  config.text.caption_dropout_prob = 0.1  # Captions dropped to the empty one, for guidance.
+  config.text.max_length = 0  # Tokens per caption with <bos> (0 = the longest caption's).
 
   # Optimisation (paper: AdamW lr 1e-4 constant, no weight decay, no warm-up, batch 256).
   config.batch_size = 256  # Global batch over all devices and processes.
@@ -116,7 +131,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval.val.num_timesteps = 8  # Fixed stratified times per example (the same for every run).
   config.eval.val.batch_size = 256  # Examples x times per forward batch.
 
-  if arg == "cpu":
+  if arg in ("cpu", "cpu_text"):
     config.model = "DiT-Mi/4"
     config.dtype = "float32"
     config.scan_layers = False
@@ -137,4 +152,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.eval.fid.respacing = "50"
     config.eval.fid.num_samples = 512  # scored with a CNN trained once on the digits
     config.eval.fid.batch_size = 128
+  if arg == "cpu_text":  # the grid's rows: "a handwritten digit zero", "... one", ...
+    config.conditioning = "cross_attn"
+    config.text.enabled = True
+    config.text.width = 64
   return config

@@ -4,7 +4,9 @@ Each concept keeps its check next to its factory (`models.check_config`, `train_
 `evaluators.check_config`, ...); this module only decides the order and runs them:
 
 1. `check(config)`: fields that need neither data nor devices (renamed fields first);
-2. `check_with_data(config, source)`: the model and the evaluators against the data's shape;
+2. `check_with_data(config, source)`: the model and the evaluators against the data's shape (a
+   text run's source is the caption source: `captions.training_source` checked the class names,
+   template and caption length when it built it);
 3. `check_devices(config, mesh)`: batch sizes against the mesh, right after the mesh exists.
 
 `train.train_and_evaluate` runs all three before it builds a feature network or compiles; the sweep
@@ -12,6 +14,7 @@ runs 1 and 2 for every member up front.
 """
 from __future__ import annotations
 
+from dit_jax import captions
 from dit_jax import distributed
 from dit_jax import evaluators
 from dit_jax import models
@@ -85,7 +88,8 @@ def check(config) -> None:
       raise ValueError(renamed_message(old))
   _check_run(config)
   train_step.check_config(config)
-  models.check_config(config)
+  captions.check_config(config)
+  models.check_config(config)  # with text on: whether the family reads a context
   objectives.check_config(config)
   splits.check_config(config.data)
   evaluators.check_config(config)
@@ -94,7 +98,9 @@ def check(config) -> None:
 
 def check_with_data(config, source):
   """The model for this data (returned, validated) and the evaluators that depend on it."""
-  model = models.create(config, source.image_shape, source.num_classes)
+  captions.check_with_data(config, source)
+  model = models.create(config, source.image_shape, source.num_classes,
+                        tokenizer=captions.tokenizer_of(source))
   evaluators.check_with_data(config, source, model)
   return model
 

@@ -10,6 +10,10 @@ scalars, plus `name` and `every_steps`; the loop calls them without knowing what
   fixed stratified set of times with fixed noise per example: deterministic, identical for every
   member and seed, and cheap, so it can run often (`val_loss`, `val_mse`, `val_vb`).
 
+A text-conditioned model (text.enabled) is sampled with the captions of those classes (class c ->
+its caption's token ids, `captions.caption_table`), guided against the empty caption; the feature
+net for FID trains on the class labels under the captions.
+
 Latent samples are decoded with the SD VAE at `eval.vae_path` before anything looks at them.
 """
 from __future__ import annotations
@@ -26,11 +30,13 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from dit_jax import captions
 from dit_jax import diffusion as diffusion_lib
 from dit_jax import fid
 from dit_jax import files
 from dit_jax import images as images_lib
 from dit_jax import inception
+from dit_jax import models
 from dit_jax import objectives
 from dit_jax import sharding as sharding_lib
 from dit_jax import vae as vae_lib
@@ -113,6 +119,9 @@ class SampleGrid:
     self.every_steps = ev.every_steps
     self._sample = objectives.make_sample_fn(config, ev, model, source.kind, mesh)
     self._labels = np.arange(ev.num_samples, dtype=np.int32) % max(source.num_classes, 1)
+    table = captions.caption_table(source)
+    if table is not None:  # a text model: the captions of classes 0, 1, 2, ...
+      self._labels = table[self._labels]
     self._shape = (ev.num_samples,) + tuple(source.image_shape)
     # Host (numpy) inputs: on a multi-host mesh jit treats them as replicated global values.
     self._rng = np.asarray(jax.random.fold_in(jax.random.PRNGKey(config.eval.seed), 1_000_003))
@@ -216,8 +225,8 @@ class SampleQuality:
     n_ref = source.num_examples if q.reference_size <= 0 else min(q.reference_size,
                                                                   source.num_examples)
 
-    def labelled_images():
-      return source.read(np.arange(n_ref), np.zeros(n_ref, bool))
+    def labelled_images():  # class labels (a caption source's base): the CNN learns classes
+      return captions.class_source(source).read(np.arange(n_ref), np.zeros(n_ref, bool))
 
     data_cfg = dict(config.data.to_dict(), image_size=source.image_shape[0])
     name, feature_fn = fid.feature_network(
@@ -229,8 +238,8 @@ class SampleQuality:
           fid_reference=q.reference or f"cached:{source.name}/{config.data.split}",
           fid_reference_fingerprint=reference.fingerprint(),
           fid_reference_size=int(reference.num_images), fid_feature_net=name)))
-    self._suite = FidSuite(name, feature_fn, reference,
-                           q.num_samples, q.batch_size, num_classes=model.num_classes or None,
+    self._suite = FidSuite(name, feature_fn, reference, q.num_samples, q.batch_size,
+                           num_classes=source.num_classes if models.reads_labels(model) else None,
                            mesh=mesh, data_axis=sharding_lib.BATCH_AXES, progress=False)
     # Samples stay sharded over the batch (no replicated output).
     self._sample = objectives.make_sample_fn(config, q, model, source.kind)
@@ -239,11 +248,13 @@ class SampleQuality:
         if latents else (lambda x: x)
     self._seed, self._batch = config.eval.seed, q.batch_size
     self.key = f"fid_{name}"
+    table = captions.caption_table(source)
+    # A text model samples the captions of the drawn classes; the lookup keeps their sharding.
+    self._to_model = (lambda y: y) if table is None else jax.jit(lambda y: jnp.asarray(table)[y])
 
   def run(self, params, step: int) -> dict:
     def sample_fn(rng, labels):
-      if labels is None:
-        labels = np.zeros((self._batch,), np.int32)
+      labels = np.zeros((self._batch,), np.int32) if labels is None else self._to_model(labels)
       return self._decode(self._sample(params, labels, rng, self._shape))
     return self._suite.run(sample_fn, jax.random.fold_in(jax.random.PRNGKey(self._seed + 1), step))
 

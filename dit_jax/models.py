@@ -7,6 +7,9 @@ row in `FAMILIES`.
 
 Each family understands the config fields in its `fields`; a model field outside them that is not at
 its neutral value (e.g. `depth=12` for a U-Net) is an error, never silently ignored.
+
+With `text.enabled` the family's model is the backbone of a `text.TextConditioned` (a caption encoder
+whose output the backbone cross-attends to); every function here takes either.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dit_jax import dit, flops, unet
+from dit_jax import dit, flops, text, unet
 
 # The config's model fields and the value that means "not set" (the named size's, or off).
 MODEL_FIELDS = {"depth": 0, "hidden_size": 0, "num_heads": 0, "conditioning": "adaln_zero",
@@ -62,6 +65,12 @@ def _build_unet(size: str, patch: int, **fields) -> unet.UNet:
   return unet.UNet(**{**shape, **fields})
 
 
+def _dit_context_check(config) -> None:
+  if config.conditioning != "cross_attn":
+    raise ValueError(f"text.enabled: a DiT reads captions only through cross-attention; set "
+                     f"conditioning='cross_attn' (got {config.conditioning!r})")
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """One model family: how its names read, how it is built, initialised and counted."""
@@ -76,13 +85,16 @@ class Family:
   init: Callable  # (module, rng) -> boxed params
   macs: Callable  # (module, context_length) -> int
   example_inputs: Callable  # (module, batch, context_length) -> (args, kwargs)
+  context_check: Callable  # config -> None; raises if this config's model cannot read a context
 
 
 FAMILIES = {
     "DiT": Family("DiT", dit.DiT, dit.SIZES, r"DiT-(\w+)/(\d+)", "DiT-XL/2", tuple(MODEL_FIELDS),
-                  _dit_config_fields, _build_dit, dit.init_params, dit.macs, dit.example_inputs),
+                  _dit_config_fields, _build_dit, dit.init_params, dit.macs, dit.example_inputs,
+                  _dit_context_check),
     "UNet": Family("UNet", unet.UNet, unet.SIZES, r"UNet-(\w+)", "UNet-B", (), lambda c: {},
-                   _build_unet, unet.init_params, unet.macs, unet.example_inputs),
+                   _build_unet, unet.init_params, unet.macs, unet.example_inputs,
+                   lambda c: None),  # every attention block cross-attends when context_dim > 0
 }
 
 
@@ -136,6 +148,8 @@ def check_config(config) -> None:
     if field not in family.fields and config[field] != neutral:
       raise ValueError(f"{config.model}: the {family.name} family does not use {field} (set to "
                        f"{config[field]!r}); leave it at {neutral!r}")
+  if text.enabled(config):
+    family.context_check(config)
 
 
 def build(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
@@ -149,15 +163,34 @@ def build(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes:
   return model
 
 
-def create(config, image_shape, num_classes: int) -> nn.Module:
-  """The model `config.model` names, sized to the data (image_shape = (H, W, C)), validated."""
+def create(config, image_shape, num_classes: int, tokenizer: text.Tokenizer | None = None
+           ) -> nn.Module:
+  """The model `config.model` names, sized to the data (image_shape = (H, W, C)), validated.
+
+  With text.enabled: a text.TextConditioned whose encoder has the tokenizer's vocabulary and caption
+  length (the caption source's, or a workdir's tokenizer.json) around the backbone built with
+  num_classes=0 and context_dim=text.width.
+  """
   check_config(config)
   h, w, c = image_shape
   if h != w:
     raise ValueError(f"{config.model} needs square inputs, the data gives {h}x{w}")
   family = parse(config.model)[0]
-  return build(config.model, input_size=h, in_channels=c,
-               **_common_fields(config, num_classes), **family.config_fields(config))
+  if not text.enabled(config):
+    return build(config.model, input_size=h, in_channels=c,
+                 **_common_fields(config, num_classes), **family.config_fields(config))
+  if tokenizer is None:
+    raise ValueError("text.enabled: the caption encoder's vocabulary comes from the run's "
+                     "tokenizer (captions.training_source, or the workdir's tokenizer.json)")
+  t = config.text
+  backbone = build(config.model, input_size=h, in_channels=c, context_dim=t.width,
+                   **_common_fields(config, 0), **family.config_fields(config))
+  encoder = text.TextEncoder(tokenizer.vocab_size, tokenizer.max_length, width=t.width,
+                             depth=t.depth, num_heads=t.num_heads, dtype=dtype_of(config.dtype),
+                             param_dtype=dtype_of(config.param_dtype))
+  model = text.TextConditioned(encoder, backbone, caption_dropout_prob=t.caption_dropout_prob)
+  model.validate()
+  return model
 
 
 def name_of(model: nn.Module) -> str:
@@ -172,15 +205,32 @@ def name_of(model: nn.Module) -> str:
 
 
 def family_of(model: nn.Module) -> Family:
-  """The family of a built module."""
+  """The family of a built module (a text model's: its backbone's)."""
+  if isinstance(model, text.TextConditioned):
+    model = model.model
   for family in FAMILIES.values():
     if isinstance(model, family.module):
       return family
   raise TypeError(f"{type(model).__name__} is not a registered model family")
 
 
+def null_label(model: nn.Module):
+  """What the model's labels are guided against: the empty caption's token ids (text models), the
+  null class num_classes (class-conditional), or None (unconditional: it reads no labels)."""
+  if isinstance(model, text.TextConditioned):
+    return text.null_ids(model.encoder.max_length)
+  return model.num_classes if model.num_classes else None
+
+
+def reads_labels(model: nn.Module) -> bool:
+  """Whether the model's third input is the batch's labels (class labels or caption ids)."""
+  return null_label(model) is not None
+
+
 def init_params(model: nn.Module, rng) -> Any:
   """Initialised (boxed, logically partitioned) params."""
+  if isinstance(model, text.TextConditioned):
+    return text.init_text_params(model, rng)
   return family_of(model).init(model, rng)
 
 
@@ -190,13 +240,24 @@ def abstract_params(model: nn.Module) -> Any:
 
 
 def gflops(model: nn.Module, context_length: int = 0) -> float:
-  """Analytic forward Gflops of one image in the paper's convention (1e9 multiply-accumulates)."""
+  """Analytic forward Gflops of one image in the paper's convention (1e9 multiply-accumulates).
+
+  A text model counts its backbone with a context of text.max_length tokens (padding included:
+  attention computes them) plus the caption encoder (text.encoder_macs), which trains with it;
+  `context_length` is then ignored.
+  """
+  if isinstance(model, text.TextConditioned):
+    backbone = family_of(model).macs(model.model, model.encoder.max_length)
+    return (backbone + text.encoder_macs(model.encoder)) / 1e9
   return family_of(model).macs(model, context_length) / 1e9
 
 
 def xla_gflops(model: nn.Module, context_length: int = 0) -> float:
-  """XLA's forward Gflops (FLOPs / 2) of one image."""
-  args, kwargs = family_of(model).example_inputs(model, 1, context_length)
+  """XLA's forward Gflops (FLOPs / 2) of one image (a text model: with its caption encoder)."""
+  if isinstance(model, text.TextConditioned):
+    args, kwargs = text.example_inputs(model, 1), {}
+  else:
+    args, kwargs = family_of(model).example_inputs(model, 1, context_length)
   init = lambda: model.init({"params": jax.random.key(0)}, *args, **kwargs)["params"]
   return flops.xla_gflops(model, init, args, kwargs)
 

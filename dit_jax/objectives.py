@@ -19,6 +19,7 @@ from typing import Callable
 from dit_jax import diffusion as diffusion_lib
 from dit_jax import flow as flow_lib
 from dit_jax import flow_sampling
+from dit_jax import models
 from dit_jax import sampling
 
 OBJECTIVES = ("ddpm", "flow")
@@ -36,6 +37,8 @@ def check_config(config) -> None:
   if objective == "ddpm":
     diffusion_lib.from_config(config)  # schedule, timesteps, prediction
     return
+  if config.text.enabled:
+    raise ValueError("text conditioning (text.enabled) is implemented for the DDPM objective only")
   if config.learn_sigma:
     raise ValueError("learn_sigma=True applies to the DDPM objective only (a learned variance of "
                      "the reverse process); set learn_sigma=False for diffusion.objective='flow'")
@@ -90,4 +93,5 @@ def make_sample_fn(config, ev, model, data_kind: str, mesh=None) -> Callable:
         cfg_scale=ev.cfg_scale, guidance_interval=_interval(config), mesh=mesh)
   return sampling.make_sample_fn(model, diffusion_lib.from_config(config, ev.respacing),
                                  cfg_scale=ev.cfg_scale, guide_channels=ev.guide_channels or None,
-                                 clip_denoised=clip_denoised(config, data_kind), mesh=mesh)
+                                 clip_denoised=clip_denoised(config, data_kind), mesh=mesh,
+                                 null_label=models.null_label(model))

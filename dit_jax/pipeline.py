@@ -43,6 +43,7 @@ class Pipeline:
     channels = source.image_shape[-1] * (2 if source.kind == "latents" else 1)
     self._host_shape = (global_batch_size,) + tuple(source.image_shape[:-1]) + (channels,)
     self.image_shape = (global_batch_size,) + tuple(source.image_shape)
+    self.label_shape = (global_batch_size,) + tuple(source.label_shape)  # (B,) or (B, L)
     try:
       sharding.shard_shape(self._host_shape)
     except ValueError as e:
@@ -93,11 +94,12 @@ class Pipeline:
     """Assembles the process-local parts into global sharded arrays and normalises/samples."""
     x = jax.make_array_from_process_local_data(self.sharding, x_local, self._host_shape)
     labels = jax.make_array_from_process_local_data(
-        self.label_sharding, labels_local.astype(np.int32), (self.global_batch_size,))
+        self.label_sharding, labels_local.astype(np.int32), self.label_shape)
     return {"image": self._to_device(x, jnp.int32(step)), "label": labels}
 
   def batch(self, step: int) -> dict:
-    """{'image': float32 [B,H,W,C] in [-1,1] (latents: z*scale), 'label': int32 [B]} of `step`."""
+    """{'image': float32 [B,H,W,C] in [-1,1] (latents: z*scale), 'label': int32 [B] (a caption
+    source's: [B, L] token ids)} of `step`."""
     return self.to_device(step, *self.host_batch(step))
 
   def iterate(self, start_step: int = 0) -> Iterator[dict]:

@@ -166,10 +166,13 @@ SAMPLERS = ("ddpm", "ddim")
 
 def make_sample_fn(model, diffusion: Diffusion, *, sampler: str = "ddpm", cfg_scale: float = 1.0,
                    guide_channels: int | None = None, eta: float = 0.0,
-                   clip_denoised: bool = False, progressive: bool = False, mesh=None) -> Callable:
-  """jitted (params, labels_B, rng, x_shape) -> samples of a (DiT-like) `model`; cfg_scale != 1
-  uses guidance with the null class model.num_classes (class-conditional models only).
+                   clip_denoised: bool = False, progressive: bool = False, mesh=None,
+                   null_label=None) -> Callable:
+  """jitted (params, labels_B, rng, x_shape) -> samples of a DiT or U-Net; cfg_scale != 1 guides.
 
+  Labels are guided against `null_label`, by default the null class of a class-conditional model
+  (num_classes; an unconditional model ignores labels). A model whose labels are something else
+  passes it: a text.TextConditioned reads caption ids (B, L), null_label=tokenizer.null_tokens().
   clip_denoised: True for pixel-space models (ADM), False for latents (DiT). progressive: return
   ddpm_sample's dict with the trajectory instead of x_0. With `mesh` the samples come back
   replicated, so every process can read them (multi-host).
@@ -177,14 +180,17 @@ def make_sample_fn(model, diffusion: Diffusion, *, sampler: str = "ddpm", cfg_sc
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; use 'ddpm' or 'ddim'")
   out = sharding_lib.replicated(mesh) if mesh is not None else None
+  if null_label is None and getattr(model, "num_classes", 0):
+    null_label = model.num_classes
+  conditional = null_label is not None
 
   @functools.partial(jax.jit, static_argnums=(3,), out_shardings=out)
   def sample(params, y_B, rng, shape):
-    if model.num_classes and cfg_scale != 1.0:
+    if conditional and cfg_scale != 1.0:
       fn = cfg_model_fn(lambda x, t, y: model.apply({"params": params}, x, t, y), y_B,
-                        model.num_classes, cfg_scale, guide_channels)
+                        null_label, cfg_scale, guide_channels)
     else:
-      fn = lambda x, t: model.apply({"params": params}, x, t, y_B if model.num_classes else None)
+      fn = lambda x, t: model.apply({"params": params}, x, t, y_B if conditional else None)
     if sampler == "ddpm":
       return ddpm_sample(fn, diffusion, shape, rng, clip_denoised=clip_denoised,
                          progressive=progressive)

@@ -85,7 +85,7 @@ def prepare_image(image_HxWxC: np.ndarray, image_size: int, channels: int) -> np
 
 @dataclasses.dataclass
 class Source:
-  """Random-access examples: `read(indices, flips)` -> (x [n,...], labels int32 [n])."""
+  """Random-access examples: `read(indices, flips)` -> (x [n,...], labels int32 [n, *label_shape])."""
   name: str
   image_shape: tuple  # (H, W, C) of one example as the model sees it (latents: (h, w, c)).
   num_classes: int
@@ -95,6 +95,7 @@ class Source:
   kind: str = "pixels"  # "pixels": read() gives uint8 images; "latents": float mean||logvar.
   scaling_factor: float = 1.0  # latents only: z * scaling_factor is what DiT sees.
   split: str = "all"  # The split the examples are from; "all": the whole dataset or directory.
+  label_shape: tuple = ()  # One example's label: () a class; (L,) caption token ids (captions.py).
 
   def read(self, indices: np.ndarray, flips: np.ndarray):
     raise NotImplementedError

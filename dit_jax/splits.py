@@ -14,7 +14,8 @@ class Subset(sources.Source):
   def __init__(self, base: sources.Source, indices):
     super().__init__(name=base.name, image_shape=base.image_shape, num_classes=base.num_classes,
                      class_names=base.class_names, num_examples=len(indices), flip=base.flip,
-                     kind=base.kind, scaling_factor=base.scaling_factor, split=base.split)
+                     kind=base.kind, scaling_factor=base.scaling_factor, split=base.split,
+                     label_shape=base.label_shape)
     self.base, self.indices = base, np.asarray(indices, np.int64)
 
   def read(self, indices, flips):

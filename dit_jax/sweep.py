@@ -25,6 +25,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from dit_jax import captions
 from dit_jax import config_check
 from dit_jax import files
 from dit_jax import models
@@ -111,6 +112,13 @@ def member_config(config: ml_collections.ConfigDict, m) -> ml_collections.Config
   return cfg
 
 
+def describe_model(cfg: ml_collections.ConfigDict, source) -> dict:
+  """family, size, patch, params, gflops (paper convention), xla_gflops of the member on the
+  data; the config checks that need the data run here, for every member before any trains."""
+  model = config_check.check_with_data(cfg, source)
+  return models.describe(model, cfg.model)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The sweep block, and what a sweep needs of the training config: an evaluation to record."""
   s = config.sweep
@@ -135,7 +143,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def preflight(config, workdir: pathlib.Path):
   """Every member's config checked (with the data), before anything trains: (members, infos)."""
   check_config(config)
-  source = sources.create_source(config.data)
+  # Checks the data (and a text run's captions) before anything compiles.
+  source = captions.training_source(config, sources.create_source(config.data))
   infos = {}
   for name in model_names(config.sweep):
     cfg = member_config(config, name)
@@ -143,8 +152,8 @@ def preflight(config, workdir: pathlib.Path):
       cfg.diffusion.objective = objective
       cfg.learn_sigma = config.learn_sigma and objective == "ddpm"
       config_check.check(cfg)
-      model = config_check.check_with_data(cfg, source)
-    infos[name] = dict(model=name, **models.describe(model, name))
+      info = describe_model(cfg, source)
+    infos[name] = dict(model=name, **info)
   members = select(plan(config, {n: i["gflops"] for n, i in infos.items()}), config.sweep.member)
   for m in members:  # a member trained before under another config is never resumed silently
     saved = workdir / run_dir_name(m.run) / "config.json"

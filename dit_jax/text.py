@@ -24,7 +24,16 @@ SPECIAL_TOKENS = (PAD, BOS, UNK)
 MNIST_CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                        "ship", "truck")
-TEMPLATES = {"mnist": "a handwritten digit {}", "cifar10": "a photo of a {}"}
+TEMPLATES = {"mnist": "a handwritten digit {}", "digits": "a handwritten digit {}",
+             "cifar10": "a photo of a {}"}
+# Words for datasets whose sources name their classes only by index ('0', '1', ...).
+CLASS_NAMES = {"mnist": MNIST_CLASS_NAMES, "digits": MNIST_CLASS_NAMES,
+               "cifar10": CIFAR10_CLASS_NAMES}
+
+
+def enabled(config) -> bool:
+  """Whether a training config is text-conditioned (configs older than its `text` block: no)."""
+  return "text" in config and bool(config.text.enabled)
 
 
 def class_captions(class_names: Sequence[str], template: str) -> list[str]:
@@ -93,7 +102,7 @@ class Tokenizer:
 
   def null_tokens(self) -> np.ndarray:
     """The empty caption (max_length,): the unconditional input for caption dropout and CFG."""
-    return self.encode([""])[0]
+    return null_ids(self.max_length)
 
   def save(self, path) -> None:
     pathlib.Path(path).write_text(json.dumps({"vocab": list(self.vocab),
@@ -105,6 +114,13 @@ class Tokenizer:
     if tuple(d["vocab"][:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
       raise ValueError(f"{path}: vocabulary must start with {SPECIAL_TOKENS}")
     return cls(tuple(d["vocab"]), int(d["max_length"]))
+
+
+def null_ids(length: int) -> np.ndarray:
+  """The empty caption's token ids (length,) int32: <bos>, then padding."""
+  ids = np.full((length,), PAD_ID, np.int32)
+  ids[0] = BOS_ID
+  return ids
 
 
 def check_context(context_dim: int, context, context_mask, batch: int):
@@ -229,7 +245,11 @@ class TextConditioned(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWxC, t_B, ids_BxL, *, train: bool = False, force_drop_ids=None):
     self.validate()
-    null_L = jnp.zeros((ids_BxL.shape[1],), ids_BxL.dtype).at[0].set(BOS_ID)
+    if ids_BxL is None:
+      raise ValueError("a text-conditioned model reads caption token ids (B, L) as its labels; "
+                       "samplers guide it against the empty caption (make_sample_fn(..., "
+                       "null_label=tokenizer.null_tokens()))")
+    null_L = jnp.asarray(null_ids(ids_BxL.shape[1]), ids_BxL.dtype)
     drop_B = None
     if force_drop_ids is not None:
       drop_B = force_drop_ids == 1
@@ -241,12 +261,27 @@ class TextConditioned(nn.Module):
     return self.model(x_BxHxWxC, t_B, None, train=train, context=context, context_mask=mask)
 
 
-def init_text_params(model: TextConditioned, rng, batch: int = 1):
-  """Initialised (boxed) params {'encoder', 'model'} for a TextConditioned model."""
+def example_inputs(model: TextConditioned, batch: int = 1):
+  """Zero images and timesteps and empty captions (x, t, ids), for init or tracing."""
   x = jnp.zeros((batch, model.input_size, model.input_size, model.in_channels), jnp.float32)
   t = jnp.zeros((batch,), jnp.int32)
-  ids = jnp.zeros((batch, model.encoder.max_length), jnp.int32).at[:, 0].set(BOS_ID)
-  return model.init({"params": rng}, x, t, ids)["params"]
+  ids = jnp.broadcast_to(jnp.asarray(null_ids(model.encoder.max_length)),
+                         (batch, model.encoder.max_length))
+  return x, t, ids
+
+
+def init_text_params(model: TextConditioned, rng, batch: int = 1):
+  """Initialised (boxed) params {'encoder', 'model'} for a TextConditioned model."""
+  return model.init({"params": rng}, *example_inputs(model, batch))["params"]
+
+
+def encoder_macs(encoder: TextEncoder) -> int:
+  """Multiply-accumulates of one caption's encoding, DiT's convention (dit.macs): every layer's
+  qkv and output projections, QK^T and AV, and MLP over all max_length positions (padding too:
+  the masked attention computes them); embedding lookups and norms are free."""
+  n, d = encoder.max_length, encoder.width
+  layer = n * d * 3 * d + n * d * d + 2 * n * n * d + 2 * n * d * int(d * EncoderLayer.mlp_ratio)
+  return encoder.depth * layer
 
 
 def context_path(data_path) -> pathlib.Path:

@@ -4,7 +4,10 @@ The step itself is pure and lives in `train_step.py`; this module is the edge th
 outside world. `train_and_evaluate(config, workdir)` checks the whole config first
 (`config_check`: nothing is read, built or compiled before every check has passed), then runs the
 same code on one CPU and on a multi-host mesh. Re-running resumes from the workdir's latest
-checkpoint; SIGTERM saves and returns.
+checkpoint; SIGTERM saves and returns. `load_trained(workdir)` reads a run back for sampling.
+
+A workdir holds config.json, checkpoints/ (orbax: the whole TrainState and the data state), a text
+run's tokenizer.json, metrics.jsonl and TensorBoard events, and samples/.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
+from dit_jax import captions
 from dit_jax import checkpoint as checkpoint_lib
 from dit_jax import config_check
 from dit_jax import pipeline as pipeline_lib
@@ -76,7 +80,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   """Checks the config (all of it, before anything is built), then data, model, mesh, state."""
   config_check.check(config)
   distributed.maybe_initialize(config.distributed)
-  source = sources.create_source(config.data)
+  source = captions.training_source(config, sources.create_source(config.data))
   model = config_check.check_with_data(config, source)
   mesh = sharding_lib.create_mesh(config.mesh_shape)
   config_check.check_devices(config, mesh)
@@ -90,6 +94,8 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
     except ValueError:
       lock.__exit__()
       raise
+    if captions.tokenizer_of(source) is not None:  # sampling a text run needs its vocabulary
+      captions.save_tokenizer(workdir, captions.tokenizer_of(source))
   tx = step_lib.create_optimizer(config.optim)
   rules = tuple(tuple(r) for r in config.logical_axis_rules) if config.logical_axis_rules else \
       sharding_lib.DEFAULT_RULES
@@ -133,7 +139,7 @@ def compile_step(run: Run, state):
   bs = step_lib.batch_shardings(run.mesh)
   batch = dict(
       image=jax.ShapeDtypeStruct(run.pipeline.image_shape, jnp.float32, sharding=bs["image"]),
-      label=jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=bs["label"]))
+      label=jax.ShapeDtypeStruct(run.pipeline.label_shape, jnp.int32, sharding=bs["label"]))
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   return compiled, time.perf_counter() - t0
@@ -279,3 +285,44 @@ def _train(run: Run, wall_t0: float):
     if hashes is not None:
       hashes.close()
   return state
+
+
+@dataclasses.dataclass
+class Trained:
+  """A training run read back from its workdir: what sampling needs."""
+  config: ml_collections.ConfigDict
+  model: Any
+  params: Any  # the EMA params
+  data_state: dict  # image_shape, num_classes, kind, scaling_factor, ... (see setup)
+  step: int
+  tokenizer: Any  # text.Tokenizer of a text run, else None
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+  """The config.json a training run wrote into its workdir."""
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: --workdir must be a training workdir")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_trained(workdir, step: int | None = None) -> Trained:
+  """The EMA params of a workdir's checkpoint `step` (default latest) and the model they belong to."""
+  workdir = pathlib.Path(workdir)
+  config = load_config(workdir)
+  tokenizer = captions.load_tokenizer(workdir, config)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {workdir / 'checkpoints'}")
+    data_state = ckpt.restore_data_state(step)
+    model = models.create(config, tuple(data_state["image_shape"]), data_state["num_classes"],
+                          tokenizer=tokenizer)
+    mesh = sharding_lib.create_mesh((-1, 1, 1))
+    abstract, shardings = step_lib.state_shardings(model, step_lib.create_optimizer(config.optim),
+                                                   mesh)
+    state, _ = ckpt.restore(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
+  finally:
+    ckpt.close()
+  return Trained(config, model, state.ema_params, data_state, step, tokenizer)

@@ -100,7 +100,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, objective,
   `objective` is a `diffusion.Diffusion` (DDPM) or a `flow.Flow`: both draw per-example noise and
   times and give the per-example loss terms (objectives.py)."""
   x0 = batch["image"]
-  y = batch["label"] if model.num_classes else None
+  y = batch["label"] if models.reads_labels(model) else None  # class labels or caption ids
   key = jax.random.fold_in(state.rng, state.step)
   k_noise, k_t, k_drop = jax.random.split(key, 3)
   noise, t_B = objective.draw_noise_and_t(k_noise, k_t, x0.shape)

@@ -67,6 +67,13 @@ def tiny_config(**overrides):
   return config
 
 
+def tiny_text_config(**overrides):
+  """tiny_config with captions: its DiT cross-attends to a width-32, 1-layer caption encoder."""
+  text = {"conditioning": "cross_attn", "text.enabled": True, "text.width": 32, "text.depth": 1,
+          "text.num_heads": 2}
+  return tiny_config(**{**text, **overrides})
+
+
 def read_jsonl(path):
   return files.read_jsonl(path)
 

@@ -1,6 +1,11 @@
 """Text conditioning: tokenizer, caption encoder against PyTorch's TransformerEncoder, DiT's context
-in cross_attn mode, caption dropout, pre-computed contexts, and a text-conditioned DiT overfitting
-a batch of real MNIST digits."""
+in cross_attn mode, caption dropout, pre-computed contexts, a text-conditioned DiT overfitting a
+batch of real MNIST digits; and text through the main trainer (tests below `# --- trainer`): the
+caption source and pipeline, the registry, training/resuming/sampling a text DiT and U-Net with
+train.train_and_evaluate, tools/sample_prompt.py, and bad text configs failing before compiling."""
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +13,8 @@ import numpy as np
 import pytest
 
 from dit_jax import diffusion, dit, text, unet
-from tests.helpers import KEY, mnist_batch, overfit
+from tests.helpers import (KEY, REPO, mnist_batch, overfit, read_jsonl, subprocess_env,
+                           tiny_text_config)
 
 MNIST_CAPTIONS = text.class_captions(text.MNIST_CLASS_NAMES, text.TEMPLATES["mnist"])
 
@@ -209,3 +215,175 @@ def test_tiny_text_conditioned_dit_overfits_a_batch_of_mnist(shared_data):
   before, after = overfit(apply, params, x0, diffusion.create(), steps=150, lr=2e-3)
   print(f"overfit: loss {before:.4f} -> {after:.4f}")
   assert after <= before / 3, (before, after)
+
+
+# --- text through the main trainer --------------------------------------------------------------
+
+def _digits_source(config):
+  from dit_jax import captions, sources
+  return captions.training_source(config, sources.create_source(config.data))
+
+
+def test_caption_source_and_pipeline_carry_token_ids():
+  from dit_jax import captions, pipeline, sharding, sources
+  config = tiny_text_config()
+  plain = sources.create_source(config.data)
+  src = captions.training_source(config, plain)
+  assert isinstance(src, captions.CaptionSource) and src.label_shape == (5,)
+  assert src.captions[7] == "a handwritten digit seven"  # digits names its classes '0'..'9'
+  idx, flips = np.array([5, 0, 200]), np.array([True, False, False])
+  (x, ids), (x0, y0) = src.read(idx, flips), plain.read(idx, flips)
+  np.testing.assert_array_equal(x, x0)
+  np.testing.assert_array_equal(ids, src.tokenizer.encode([src.captions[c] for c in y0]))
+  mesh = sharding.create_mesh((-1, 1, 1))  # 8 devices: the (16, 5) labels split over the batch
+  a = pipeline.Pipeline(src, 16, 0, sharding.batch_sharding(mesh)).batch(3)
+  b = pipeline.Pipeline(plain, 16, 0, sharding.batch_sharding(mesh)).batch(3)
+  assert a["label"].shape == (16, 5) and a["label"].dtype == jnp.int32
+  assert b["label"].shape == (16,)  # class labels stay 1-D
+  np.testing.assert_array_equal(a["image"], b["image"])
+  np.testing.assert_array_equal(a["label"], src.caption_ids[np.asarray(b["label"])])
+  assert captions.caption_table(plain) is None and captions.class_source(src) is plain
+
+
+def test_registry_wraps_the_backbone_and_counts_the_encoder():
+  from dit_jax import models, sweep
+  config = tiny_text_config(model="DiT-S/4", depth=4, hidden_size=0, num_heads=0,
+                            **{"data.image_size": 16, "text.width": 128, "text.num_heads": 4})
+  src = _digits_source(config)
+  model = models.create(config, src.image_shape, src.num_classes, tokenizer=src.tokenizer)
+  assert isinstance(model, text.TextConditioned)
+  assert (model.model.num_classes, model.model.context_dim) == (0, 128)
+  assert models.family_of(model).name == "DiT"
+  np.testing.assert_array_equal(models.null_label(model), src.tokenizer.null_tokens())
+  backbone = models.gflops(model.model, context_length=src.tokenizer.max_length)
+  assert models.gflops(model) == pytest.approx(backbone + text.encoder_macs(model.encoder) / 1e9)
+  assert models.xla_gflops(model) == pytest.approx(models.gflops(model), rel=0.02)
+  row = sweep.describe_model(config, src)  # what a text sweep records per member
+  assert row["params"] == sum(x.size for x in jax.tree.leaves(models.abstract_params(model)))
+  assert (row["family"], row["size"], row["gflops"]) == ("DiT", "S", models.gflops(model))
+  with pytest.raises(ValueError, match="tokenizer"):
+    models.create(config, src.image_shape, src.num_classes)
+
+
+def _stub_feature_network(data_cfg, network, cache_dir=None, labelled_images=None, log=None):
+  """A cheap 'feature net' that checks it is given class labels, not caption ids."""
+  images, labels = labelled_images()
+  assert labels.ndim == 1 and labels.max() < 10
+  proj = jax.random.normal(jax.random.key(0), (images[0].size, 6))  # full-rank features
+  return "stub", jax.jit(lambda u8: {"pool": u8.reshape(u8.shape[0], -1) / 255.0 @ proj})
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+  """4 steps of a tiny text DiT through the main loop: checkpoints at 2 and 4, a grid and an FID
+  (stub feature net) at 4."""
+  from dit_jax import fid, train
+  workdir = tmp_path_factory.mktemp("text_run")
+  config = tiny_text_config(num_train_steps=4, **{
+      "eval.grid.every_steps": 4, "eval.grid.respacing": "3", "eval.grid.num_samples": 10,
+      "eval.fid.every_steps": 4, "eval.fid.num_samples": 16, "eval.fid.batch_size": 16,
+      "eval.fid.respacing": "2", "eval.fid.cache_dir": str(workdir / "cache")})
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(fid, "feature_network", _stub_feature_network)
+    state = train.train_and_evaluate(config, workdir / "run")
+  return config, workdir / "run", jax.device_get(state)
+
+
+def test_text_dit_trains_through_the_main_loop(text_run):
+  from PIL import Image
+  from dit_jax import checkpoint as checkpoint_lib, models
+  config, workdir, state = text_run
+  assert int(state.step) == 4 and int(state.nonfinite_total) == 0
+  assert set(state.params) == {"encoder", "model"}
+  assert checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [2, 4]
+  assert text.Tokenizer.load(workdir / "tokenizer.json") == _digits_source(config).tokenizer
+  grid = np.asarray(Image.open(workdir / "samples" / "step_00000004.png"))
+  assert grid.shape == (2 + 3 * 10, 2 + 4 * 10) and grid.std() > 0  # 10 captions: 3 rows of 4
+  rows = read_jsonl(workdir / "metrics.jsonl")
+  src = _digits_source(config)
+  model = models.create(config, src.image_shape, src.num_classes, tokenizer=src.tokenizer)
+  assert next(r["gflops_per_image"] for r in rows if "gflops_per_image" in r) == pytest.approx(
+      models.gflops(model))
+  assert np.isfinite(next(r["fid_stub"] for r in rows if "fid_stub" in r))
+
+
+def test_text_run_resumes_to_the_same_params(text_run, tmp_path):
+  import shutil
+  from dit_jax import train
+  config, workdir, state = text_run
+  shutil.copytree(workdir, tmp_path / "run")
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # resume from step 2
+  config = tiny_text_config(num_train_steps=4)
+  resumed = jax.device_get(train.train_and_evaluate(config, tmp_path / "run"))
+  assert int(resumed.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.ema_params, state.ema_params)
+
+
+def test_sample_prompt_cli_samples_a_trained_workdir(text_run, tmp_path):
+  from PIL import Image
+  _, workdir, _ = text_run
+  cmd = [sys.executable, "tools/sample_prompt.py", f"--workdir={workdir}", "--num=3", "--steps=3",
+         f"--out={tmp_path / 'p.png'}"]
+  run = lambda *prompts: subprocess.run(cmd + [f"--prompt={p}" for p in prompts], cwd=REPO,
+                                        capture_output=True, text=True, timeout=300,
+                                        env=subprocess_env(1))
+  out = run("a handwritten digit seven", "digit one")
+  assert out.returncode == 0, out.stderr[-3000:]
+  grid = np.asarray(Image.open(tmp_path / "p.png"))
+  assert grid.shape == (2 + 2 * 10, 2 + 3 * 10) and grid.std() > 0  # 2 prompts x 3 samples
+  bad = run("a handwritten digit eleven")
+  assert bad.returncode != 0 and "outside the vocabulary: ['eleven']" in bad.stderr
+  assert "Traceback" not in bad.stderr
+
+
+def test_text_unet_trains_through_the_main_loop(tmp_path):
+  from dit_jax import train
+  """One step and a grid (the DiT run above covers checkpoints: U-Net compiles cost more)."""
+  config = tiny_text_config(model="UNet-Pico", conditioning="adaln_zero", depth=0, hidden_size=0,
+                            num_heads=0, num_train_steps=1, checkpoint_every_steps=0,
+                            **{"eval.grid.every_steps": 1, "eval.grid.respacing": "2",
+                               "eval.grid.num_samples": 4})
+  state = train.train_and_evaluate(config, tmp_path)
+  assert int(state.step) == 1 and set(state.params) == {"encoder", "model"}
+  assert "label_emb" not in state.params["model"]  # captions replace the class embedding
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
+  assert (tmp_path / "samples" / "step_00000001.png").exists()
+
+
+BAD_TEXT = [
+    (dict(conditioning="adaln_zero"), "set conditioning='cross_attn'"),
+    (dict(**{"text.num_heads": 3}), "not divisible by text.num_heads=3"),
+    (dict(**{"text.caption_dropout_prob": 1.0}), "caption_dropout_prob must be in"),
+    (dict(**{"text.template": "digit"}), "needs a '{}'"),
+    (dict(**{"text.max_length": 3}), "shorter than the longest caption"),
+    (dict(class_conditional=False), "class_conditional=False"),
+    (dict(**{"data.name": "npz", "data.path": "NPZ"}), "needs class names"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", BAD_TEXT, ids=[m for _, m in BAD_TEXT])
+def test_bad_text_configs_fail_before_compiling(overrides, match, tmp_path, monkeypatch):
+  from dit_jax import fid, train, train_step
+  def tripwire(*a, **k):
+    raise AssertionError("built despite a bad text config")
+  monkeypatch.setattr(train_step, "jit_train_step", tripwire)
+  monkeypatch.setattr(fid, "feature_network", tripwire)
+  if overrides.get("data.path") == "NPZ":  # classes named only by index
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 255, (8, 8, 8), np.uint8),
+             labels=np.arange(8) % 2)
+    overrides = dict(overrides, **{"data.path": str(tmp_path / "d.npz")})
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(tiny_text_config(**overrides), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_prompt_words_fail_before_training():
+  sys.path.insert(0, str(REPO / "tools"))
+  import sample_prompt
+  sample_prompt.check_prompts(tiny_text_config(), ["A handwritten digit, SEVEN!"])
+  with pytest.raises(ValueError, match=r"outside the vocabulary: \['eleven'\]"):
+    sample_prompt.check_prompts(tiny_text_config(), ["a handwritten digit eleven"])
+  with pytest.raises(ValueError, match="not text-conditioned"):
+    sample_prompt.check_prompts(tiny_text_config(**{"text.enabled": False}), ["digit one"])

@@ -7,44 +7,20 @@ DDPM with 250 respaced steps and guidance 1.5 is the paper's FID setting; 4.0 gi
 Latent models need --vae_path (a diffusers SD-VAE folder) to decode to pixels.
 """
 import argparse
-import json
 import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from dit_jax import checkpoint as checkpoint_lib  # noqa: E402
 from dit_jax import diffusion as diffusion_lib  # noqa: E402
 from dit_jax import evaluators  # noqa: E402
 from dit_jax import images  # noqa: E402
-from dit_jax import models  # noqa: E402
 from dit_jax import sampling  # noqa: E402
-from dit_jax import sharding as sharding_lib  # noqa: E402
-from dit_jax import train_step  # noqa: E402
-
-
-def load(workdir, step=None):
-  """(config, model, ema params, data_state, step) of a training workdir's checkpoint."""
-  workdir = pathlib.Path(workdir)
-  config_path = workdir / "config.json"
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{config_path} not found: --workdir must be a training workdir")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no complete checkpoint in {workdir / 'checkpoints'}")
-  data_state = ckpt.restore_data_state(step)
-  model = models.create(config, tuple(data_state["image_shape"]), data_state["num_classes"])
-  mesh = sharding_lib.create_mesh((-1, 1, 1))
-  abstract, shardings = train_step.state_shardings(model, train_step.create_optimizer(config.optim),
-                                                   mesh)
-  state, _ = ckpt.restore(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
-  return config, model, state.ema_params, data_state, step
+from dit_jax import text  # noqa: E402
+from dit_jax import train  # noqa: E402
 
 
 def main():
@@ -64,7 +40,12 @@ def main():
   p.add_argument("--vae_path", default="", help="SD-VAE folder to decode latents")
   args = p.parse_args()
 
-  config, model, params, data_state, step = load(args.workdir, args.step)
+  if text.enabled(train.load_config(args.workdir)):
+    sys.exit(f"sample.py: {args.workdir} is a text-conditioned run; sample it with "
+             f"tools/sample_prompt.py --workdir={args.workdir} --prompt=...")
+  run = train.load_trained(args.workdir, args.step)
+  config, model, params, data_state, step = (run.config, run.model, run.params, run.data_state,
+                                             run.step)
   if args.labels:
     labels = np.array([int(v) for v in args.labels.split(",")], np.int32)
   else:
