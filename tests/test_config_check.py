@@ -101,18 +101,19 @@ def test_renamed_fields_are_rejected_with_the_new_name(tmp_path, tripwires):
   assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("sweep.patches", (3,), "does not divide"),
-    ("eval.fid.num_samples", 0, "a sweep records one row per evaluation"),
-    ("sweep.sizes", ("Huge",), "unknown model"),
+@pytest.mark.parametrize("overrides, match", [
+    ({"sweep.patches": (3,)}, "does not divide"),
+    ({"eval.fid.num_samples": 0, "eval.val.every_steps": 0}, "a sweep records one row per"),
+    ({"sweep.sizes": ("Huge",)}, "unknown model"),
+    ({"sweep.seeds": (1, 1)}, "distinct seeds"),
 ])
-def test_sweep_checks_every_member_before_training(field, value, match, tmp_path, tripwires,
+def test_sweep_checks_every_member_before_training(overrides, match, tmp_path, tripwires,
                                                    monkeypatch):
   def no_training(*a, **k):
     raise AssertionError("a member trained despite a bad config")
   monkeypatch.setattr(train, "train_and_evaluate", no_training)
   config = dit_sweep.get_config("")
-  config.update_from_flattened_dict({"data.image_size": 8, "data.max_examples": 64, field: value})
+  config.update_from_flattened_dict({"data.image_size": 8, "data.max_examples": 64, **overrides})
   with pytest.raises(ValueError, match=match):
     sweep.run(config, tmp_path / "w")
   assert not (tmp_path / "w").exists()
