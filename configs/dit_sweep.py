@@ -2,7 +2,8 @@
 
   python -m dit_jax.main --config=configs/dit_sweep.py                 # CPU default (digits, offline)
   python -m dit_jax.main --config=configs/dit_sweep.py:paper --workdir=/gcs/dit_sweep \
-      --config.data.path=/gcs/imagenet256_latents    # on a pod: tools/launch_tpu_pod.sh
+      --config.data.path=/gcs/imagenet256_latents --config.eval.vae_path=/gcs/sd-vae-ft-ema \
+      --config.eval.fid.reference=/gcs/VIRTUAL_imagenet256_labeled.npz   # pods: launch_tpu_pod.sh
   python -m dit_jax.main --config=configs/dit_sweep.py:mnist --config.sweep.member=3   # one member
 
 Presets: '' / 'cpu' (the default: scikit-learn digits at 16x16, offline, 3 seeds per member, two

@@ -14,7 +14,8 @@ A text-conditioned model (text.enabled) is sampled with the captions of those cl
 its caption's token ids, `captions.caption_table`), guided against the empty caption; the feature
 net for FID trains on the class labels under the captions.
 
-Latent samples are decoded with the SD VAE at `eval.vae_path` before anything looks at them.
+Latent samples are decoded with the SD VAE at `eval.vae_path` before anything looks at them, so
+the feature network is chosen for the decoded images (256 px RGB for 32x32 SD latents).
 """
 from __future__ import annotations
 
@@ -89,12 +90,34 @@ def check_with_data(config, source, model) -> None:
       raise ValueError(f"eval.{name}.guide_channels={g}, but the model predicts {eps_channels} "
                        f"eps channels (the rest are variance values, never guided)")
   q = config.eval.fid
-  if q.every_steps and q.num_samples and source.kind == "latents" and not (
-      q.reference and config.eval.vae_path):
-    raise ValueError("eval.fid on latents needs eval.fid.reference (reference statistics .npz, "
-                     "e.g. ADM's VIRTUAL_imagenet256_labeled.npz) and eval.vae_path (the SD-VAE "
-                     "that decodes samples)")
+  if q.every_steps and q.num_samples and source.kind == "latents":
+    if not (q.reference and config.eval.vae_path):
+      raise ValueError("eval.fid on latents needs eval.fid.reference (reference statistics .npz, "
+                       "e.g. ADM's VIRTUAL_imagenet256_labeled.npz) and eval.vae_path (the SD-VAE "
+                       "that decodes samples)")
+    images = feature_images(config, source)
+    if fid.resolve_network(q.feature_network, images["image_size"], images["channels"]) == "cnn":
+      # The dataset CNN is trained on the dataset's labelled pixels, which latents do not have.
+      raise ValueError(
+          f"eval.fid.feature_network={q.feature_network!r} picks the dataset CNN for the "
+          f"{images['image_size']} px decoded images, but latents have no labelled pixels to train "
+          f"it on; use 'inception' (with an Inception reference such as ADM's), or 'auto' with "
+          f"decoded images of 64 px and more")
   del model
+
+
+def feature_images(config, source) -> dict:
+  """The data config of the images the feature network sees: for latents, the VAE's decodings
+  (latent side x the VAE's downsampling factor, its output channels), not the latents."""
+  data_cfg = dict(config.data.to_dict(), image_size=source.image_shape[0])
+  if source.kind == "latents":
+    path = pathlib.Path(config.eval.vae_path)
+    if not (path / "config.json").is_file():
+      raise FileNotFoundError(vae_lib.missing_weights_message(path))
+    vae_cfg = vae_lib.VAEConfig.from_json(path / "config.json")
+    data_cfg.update(image_size=source.image_shape[0] * vae_cfg.downsample_factor,
+                    channels=vae_cfg.out_channels)
+  return data_cfg
 
 
 @functools.lru_cache(maxsize=1)
@@ -206,7 +229,8 @@ class FidSuite:
 def _reference(config, source, name, feature_fn, labelled_images, mesh):
   q = config.eval.fid
   if q.reference:
-    return fid.load_reference(q.reference, name, feature_fn, mesh=mesh)
+    # The sampling batch: one compiled shape of the feature network, divisible by the mesh.
+    return fid.load_reference(q.reference, name, feature_fn, batch_size=q.batch_size, mesh=mesh)
   cache = q.cache_dir or str(inception.default_cache_dir())
   return fid.cached_reference(cache, source.name, config.data.split, source.image_shape[0], name,
                               feature_fn, lambda: labelled_images()[0], mesh=mesh,
@@ -228,9 +252,8 @@ class SampleQuality:
     def labelled_images():  # class labels (a caption source's base): the CNN learns classes
       return captions.class_source(source).read(np.arange(n_ref), np.zeros(n_ref, bool))
 
-    data_cfg = dict(config.data.to_dict(), image_size=source.image_shape[0])
     name, feature_fn = fid.feature_network(
-        data_cfg, q.feature_network, cache_dir=q.cache_dir or None,
+        feature_images(config, source), q.feature_network, cache_dir=q.cache_dir or None,
         labelled_images=None if latents else labelled_images, log=logging.info)
     reference = _reference(config, source, name, feature_fn, labelled_images, mesh)
     if jax.process_index() == 0:  # which statistics the rows' FIDs were measured against

@@ -268,6 +268,13 @@ def _get(config, name, default=None):
   return getattr(config, name, default)
 
 
+def resolve_network(network: str, image_size: int, channels: int = 0) -> str:
+  """'auto' made concrete: Inception for RGB images of 64 px and more, the dataset's CNN below."""
+  if network != "auto":
+    return network
+  return "inception" if channels != 1 and image_size and image_size >= 64 else "cnn"
+
+
 def feature_network(data_config, network: str = "auto", cache_dir=None, inception_weights=None,
                     download: bool = True, labelled_images=None,
                     log: Callable[[str], None] | None = print) -> tuple[str, FeatureFn]:
@@ -283,8 +290,7 @@ def feature_network(data_config, network: str = "auto", cache_dir=None, inceptio
   name = _get(data_config, "name")
   image_size = _get(data_config, "image_size")
   channels = _get(data_config, "channels", 0)
-  if network == "auto":
-    network = "inception" if channels != 1 and image_size and image_size >= 64 else "cnn"
+  network = resolve_network(network, image_size, channels)
   cache_dir = pathlib.Path(cache_dir or inception.default_cache_dir())
   if network == "inception":
     params = inception.load_params(inception_weights, cache_dir, download)

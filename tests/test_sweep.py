@@ -21,7 +21,8 @@ TINY = {"sweep.sizes": ("Pico",), "sweep.patches": (8, 4), "sweep.extra_models":
         "log_every_steps": 2, "checkpoint_every_steps": 2, "eval.grid.every_steps": 2,
         "eval.grid.num_samples": 4, "eval.grid.respacing": "4", "eval.fid.every_steps": 2,
         "eval.fid.respacing": "4", "eval.fid.num_samples": 32, "eval.fid.batch_size": 16,
-        "eval.fid.reference_size": 256}
+        "eval.fid.reference_size": 256, "sweep.seeds": (0,), "sweep.workers": 0,
+        "data.val_size": 64, "eval.val.num_examples": 32, "eval.val.batch_size": 64}
 
 
 def tiny_sweep(tmp_path):
