@@ -11,7 +11,6 @@ cache; two DiT-Pico members (patch 4 and 2) trained 2 steps and scored with FID-
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 import types
