@@ -47,9 +47,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return config
 
   # CPU-sized presets: small models, equal-step training, the dataset CNN as feature network.
-  # Sized for the default to finish in under 15 minutes on 2 cores with the law showing: at 500 steps
-  # every member is undertrained and FID does not yet order by Gflops (Spearman -0.43 measured);
-  # from 1000 steps on it does (experiments/cpu_sweep/README.md).
+  # One seed of this grid took 8.5-14 min on 2 idle cores; at 500 steps every member is still
+  # undertrained and FID does not yet order by Gflops (Spearman -0.43 measured), from 1000 steps on
+  # it does. The 3-seed default took 55 min on a loaded machine (experiments/cpu_sweep/README.md).
   config.sweep.sizes = ("Pico", "Nano")
   config.sweep.extra_models = ("UNet-Pico",)
   config.batch_size = 32
