@@ -8,9 +8,9 @@ share `batch_size`, and the grid runs (`budget_gflops` null) their final step: a
 differently is another experiment, so that is a ValueError naming the field, not a silent split.
 Iso-FLOP runs (`budget_gflops` set) differ in steps by design and feed only the iso-FLOP analysis.
 
-A member is a model (grid) or a (model, budget) pair (iso-FLOP); its runs are its seeds. A failed run
-(status failed) or one without a final row is listed in results.md, never dropped silently; failed
-rows carry no metric fields, so the list is report-wide.
+A member is a model (grid) or a (model, budget) pair (iso-FLOP); its runs are its seeds. A failed
+run (status failed) or one without a final row is listed in results.md, never dropped silently;
+failed rows carry no metric fields, so the list is report-wide.
 
 The statistics are scaling_fit's. rho: Spearman of Gflops vs seed-mean final metric over the DiTs,
 CI by resampling each model's seeds (none with one seed). Law: metric = a·C^-b fitted to the
@@ -23,8 +23,8 @@ that of the frontier's seed means, so it is an interval for a seed mean, not for
 U-Nets are drawn and tabled but are in none of these: the law is the DiTs'.
 
 Figures (PNG and SVG) per metric present (fid, val_loss): <metric>_vs_gflops, _vs_steps,
-_vs_compute, _prediction (with a prediction check), _isoflop (with iso-FLOP runs); with more than one
-section each name ends in _<fid_metric>_<fid_num_samples>.
+_vs_compute, _prediction (with a prediction check), _isoflop (with iso-FLOP runs); with more than
+one section each name ends in _<fid_metric>_<fid_num_samples>.
 """
 import collections
 import json
@@ -103,7 +103,8 @@ class Member:
     self.label = self.model if self.budget is None else f"{self.model} @ {self.budget:.4g} GF"
     seeds = [rs[-1]["seed"] for rs in runs]
     if len(set(seeds)) < len(seeds):
-      raise ValueError(f"{self.label}: two runs with the same seed ({[rs[-1]['run'] for rs in runs]})")
+      raise ValueError(f"{self.label}: two runs with the same seed "
+                       f"({[rs[-1]['run'] for rs in runs]})")
     self.runs, self.seeds = [rs[-1]["run"] for rs in runs], seeds
     self.steps = sorted({r["step"] for rs in runs for r in rs})
     pos = {s: i for i, s in enumerate(self.steps)}
@@ -149,7 +150,7 @@ def _mean_sd(v):
 
 
 def organise(rows):
-  """-> ({section key: {objective: [Member]}}, problems): the like-with-like checks, failures listed."""
+  """-> ({section key: {objective: [Member]}}, problems): like-with-like checked, failures listed."""
   by_run = collections.defaultdict(list)
   for r in rows:
     by_run[r["run"]].append(_normalise(r))
@@ -574,14 +575,15 @@ def write(rows, out_dir, *, holdout=None, ci=0.9, n_boot=1000, seed=0, plots=Tru
     known = {m.model for g in sections.values() for ms in g.values() for m in ms
              if m.family == "DiT" and m.budget is None}
     if holdout not in known:
-      raise ValueError(f"holdout {holdout!r} is not a DiT grid model of these rows: {sorted(known)}")
+      raise ValueError(f"holdout {holdout!r} is not a DiT grid model of these rows: "
+                       f"{sorted(known)}")
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   n_runs = len({r["run"] for r in rows})
-  md = ["# Scaling results", "", f"{len(rows)} rows of {n_runs} runs. Intervals are {100 * ci:.0f} % "
-        f"percentile bootstraps ({n_boot} replicates, seed {seed}); ± and error bars are the sample "
-        "sd over seeds (none with one seed). Sections never mix feature networks or sample counts.",
-        ""]
+  md = ["# Scaling results", "", f"{len(rows)} rows of {n_runs} runs. Intervals are "
+        f"{100 * ci:.0f} % percentile bootstraps ({n_boot} replicates, seed {seed}); ± and error "
+        "bars are the sample sd over seeds (none with one seed). Sections never mix feature "
+        "networks or sample counts.", ""]
   summary = dict(rows=len(rows), runs=n_runs, ci=ci, n_boot=n_boot, seed=seed, failed=problems,
                  groups=[], figures=[])
   for key, groups in sorted(sections.items(), key=lambda kv: json.dumps(kv[0])):

@@ -133,7 +133,8 @@ def test_mixed_metrics_and_sample_counts_are_split(tmp_path):
 def test_mixed_training_setups_are_refused(tmp_path):
   rows = law_rows()
   bigger = [dict(r, batch_size=64) if r.get("model") == "DiT-Pico/8" else r for r in rows]
-  with pytest.raises(ValueError, match=r"runs differ in batch_size: 64 \(DiT-Pico/8-s0\), 32 \(DiT-Nano/8-s0\)"):
+  msg = r"runs differ in batch_size: 64 \(DiT-Pico/8-s0\), 32 \(DiT-Nano/8-s0\)"
+  with pytest.raises(ValueError, match=msg):
     report.write(bigger, tmp_path, n_boot=10)
   longer = [dict(r, run=r["run"] + "-long", step=2 * r["step"], num_train_steps=2000)
             for r in rows if r.get("model") == "DiT-Pico/8"]
@@ -187,7 +188,8 @@ def test_cli_on_the_committed_cpu_sweep(tmp_path):
                         str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode == 1 and "Traceback" not in bad.stderr
-  assert bad.stderr.strip().splitlines() == [f"plot_scaling: {tmp_path / 'nope.jsonl'}: no such file"]
+  assert bad.stderr.strip().splitlines() == [
+      f"plot_scaling: {tmp_path / 'nope.jsonl'}: no such file"]
 
 
 def isoflop_rows(seed=2, sigma=0.003):
