@@ -1,5 +1,6 @@
 """What several test modules share: tiny models, configs and batches, the CLI, MNIST overfitting."""
 import hashlib
+import importlib.util
 import os
 import pathlib
 import sys
@@ -164,3 +165,21 @@ def mnist_batch(shared_data, n=16, size=28):
     k = 28 // size
     x = x.reshape(n, size, k, size, k, 1).mean(axis=(2, 4))
   return jnp.asarray(x), labels[:n]
+
+
+def load_tool(name: str):
+  """tools/<name>.py as a module. Tools define absl flags at import, so the flags a tool loaded
+  earlier in this process defined are removed first (two tools may both define --out)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  for flag in TOOL_FLAGS:
+    if flag in flags.FLAGS:
+      delattr(flags.FLAGS, flag)
+  before = set(flags.FLAGS)
+  spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  TOOL_FLAGS.update(set(flags.FLAGS) - before)
+  return module
+
+
+TOOL_FLAGS = set()

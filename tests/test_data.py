@@ -1,5 +1,4 @@
 """Data sources and pipeline on the real shared data (MNIST test set, CIFAR-10 test JPEGs)."""
-import importlib.util
 import pathlib
 import time
 
@@ -18,6 +17,7 @@ from dit_jax import latent_format
 from dit_jax import pipeline
 from dit_jax import sources
 from dit_jax import vae as vae_lib
+from tests.helpers import load_tool
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Published facts about these files (shared/data/README.md).
@@ -240,13 +240,6 @@ def test_tfds_prepared_dataset_reads_real_mnist(shared_data, tmp_path):
       assert ours == ref, (fmt, gb)
 
 
-def _load_tool(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_latent_extraction_resume_and_source(shared_data, tmp_path):
   """Encode 20 CIFAR images with a small VAE; resume; read back as the latents source."""
   cfg = vae_lib.VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
@@ -315,7 +308,7 @@ def test_extract_latents_tool_end_to_end(shared_data, tmp_path):
   torch = pytest.importorskip("torch")
   if diffusers is None:
     pytest.skip("diffusers not installed")
-  tool = _load_tool("extract_latents")
+  tool = load_tool("extract_latents")
   cfg = _cfg(name="cifar10", path=str(shared_data / "cifar10_test_jpg"), split="test",
              image_size=16, max_examples=16)
   with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/sd-vae-ft-ema"):

@@ -33,7 +33,7 @@ from dit_jax import files
 from dit_jax import inception
 from dit_jax import sources
 from tests.helpers import REPO, subprocess_env
-from tests.test_data import _load_tool
+from tests.helpers import load_tool
 
 # stabilityai/sd-vae-ft-ema's config.json (as tests/test_vae.py), and the same shrunk: narrower
 # levels and one resnet per level, but its 4 levels (downsampling factor 8) and 4 latent channels.
@@ -72,7 +72,7 @@ def paper_files(shared_data, tmp_path_factory):
   data = sources.default_data_config()
   data.update(name="cifar10", path=str(shared_data / "cifar10_test_jpg"), split="test",
               image_size=IMAGE_SIZE, max_examples=NUM_IMAGES)
-  meta = _load_tool("extract_latents").run(data, tmp / "vae", tmp / "latents", batch_size=8,
+  meta = load_tool("extract_latents").run(data, tmp / "vae", tmp / "latents", batch_size=8,
                                            shard_size=16, progress=False)
   assert meta["num_examples"] == NUM_IMAGES and meta["scaling_factor"] == 0.18215
 
