@@ -29,10 +29,15 @@ NOT_FINGERPRINTED = ("workdir", "distributed", "async_checkpoints", "keep_checkp
 METRIC_PREFIXES = ("fid", "sfid", "is", "precision", "recall")
 
 
-def _flat(config) -> dict:
-  flat = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
+def _fingerprinted(config_dict: dict) -> dict:
+  """The result-changing fields of a config (as a dict), flattened to dotted names."""
+  flat = traverse_util.flatten_dict(config_dict, sep=".")
   return {k: v for k, v in flat.items()
           if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
+
+
+def _flat(config) -> dict:
+  return _fingerprinted(json.loads(config.to_json_best_effort()))
 
 
 def fingerprint(config) -> str:
@@ -42,9 +47,7 @@ def fingerprint(config) -> str:
 
 def changed_fields(old_config_dict: dict, config) -> list[str]:
   """The result-changing fields that differ between a saved config (dict) and `config`."""
-  old = {k: v for k, v in traverse_util.flatten_dict(old_config_dict, sep=".").items()
-         if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
-  new = _flat(config)
+  old, new = _fingerprinted(old_config_dict), _flat(config)
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 

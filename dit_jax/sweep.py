@@ -220,8 +220,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
       print(f"sweep: {len(members)} members, {len(todo)} to train ({len(members) - len(todo)} "
             f"finished) in {workdir}", flush=True)
     failed = _train_all(config, workdir, todo, infos, data_kind, path)
-    if jax.process_index() == 0 and files.read_jsonl(path):
-      report.write(files.read_jsonl(path), workdir)
+    rows = files.read_jsonl(path) if jax.process_index() == 0 else []
+    if rows:
+      report.write(rows, workdir)
   return failed
 
 
