@@ -51,9 +51,9 @@ def changed_fields(old_config_dict: dict, config) -> list[str]:
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def check_same_config(path, config) -> None:
+def check_same_config(path, config, write: bool = True) -> None:
   """Refuses to continue a run whose saved config (`path`, JSON) differs in a result-changing
-  field; writes the config when there is none yet."""
+  field; writes the config when there is none yet (unless write=False)."""
   path = pathlib.Path(path)
   if path.exists():
     try:
@@ -67,7 +67,8 @@ def check_same_config(path, config) -> None:
       raise ValueError(f"{path.parent} was trained with another config ({len(changed)} field(s) "
                        f"differ: {show}); use a new workdir, or restore those fields to resume")
     return
-  files.atomic_write_text(path, config.to_json_best_effort(indent=1))
+  if write:
+    files.atomic_write_text(path, config.to_json_best_effort(indent=1))
 
 
 def provenance(config, data_kind: str) -> dict:

@@ -16,7 +16,6 @@ there with the same config fingerprint, resumes an interrupted one, and refuses 
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 import traceback
@@ -156,12 +155,8 @@ def preflight(config, workdir: pathlib.Path):
     infos[name] = dict(model=name, **info)
   members = select(plan(config, {n: i["gflops"] for n, i in infos.items()}), config.sweep.member)
   for m in members:  # a member trained before under another config is never resumed silently
-    saved = workdir / run_dir_name(m.run) / "config.json"
-    if saved.exists():
-      changed = results.changed_fields(json.loads(saved.read_text()), member_config(config, m))
-      if changed:
-        raise ValueError(f"{m.run} in {workdir} was trained with another config (changed: "
-                         f"{', '.join(changed[:8])}); use a new workdir")
+    results.check_same_config(workdir / run_dir_name(m.run) / "config.json",
+                              member_config(config, m), write=False)
   return members, infos, source.kind
 
 
