@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dit_jax import compile_cache
 from dit_jax import config_check
 from dit_jax import distributed
 from dit_jax import sweep
@@ -40,6 +41,7 @@ def main(argv):
   if "sweep" in config and not FLAGS.verbose:
     logging.set_verbosity(logging.WARNING)  # the sweep prints its own progress lines
   logging.info("config:\n%s", config)
+  compile_cache.enable()  # seeds, resumes and re-runs load their programs instead of compiling
   # Before anything touches a device: the sweep compiles cost analyses before its first member.
   distributed.maybe_initialize(config.distributed)
   if "sweep" in config:

@@ -1,19 +1,26 @@
-"""Sweep members as concurrent worker processes, each pinned to its own CPU core.
+"""Sweep members in concurrent worker processes, each pinned to its own CPU core.
 
 On a small CPU most members do not speed up on a second core (XLA:CPU keeps a small model's step
 on about one core), but two processes, one per core, do run twice the work. `sweep.workers = N`
-runs N members at once, member k of the queue on core k mod N. Each worker is
+starts N workers, worker k pinned to core k mod N, each
 
-  python -m dit_jax.workers MEMBER_CONFIG.json RUN_DIR CORE
+  python -m dit_jax.workers CORE
 
-training one member with `train.train_and_evaluate` (its own workdir lock, checkpoints, resume)
-and logging to RUN_DIR/train.log. Only the parent writes results rows, so nothing interleaves.
-Runs are identical whatever N is: every worker sees one core, so XLA's thread pool has one thread.
+and feeds them members one at a time: a JSON line {"key", "config", "run_dir"} on the worker's
+stdin; the worker trains it with `train.train_and_evaluate` (its own workdir lock, checkpoints,
+resume), its logs going to RUN_DIR/train.log, and answers {"key", "code"} on its stdout. A worker
+lives for the whole sweep, so Python, jax and TensorFlow are imported once per core, not once per
+member, and the compilation cache (compile_cache.py) serves the programs of a model's later seeds.
+A worker that dies takes only its member with it (recorded as failed); a fresh one takes its
+place. Only the parent writes results rows, so nothing interleaves. Runs are identical whatever N
+is and whatever ran before in the worker: every worker sees one core, so XLA's thread pool has one
+thread, and every run draws from its own seeds.
 """
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -22,50 +29,83 @@ from typing import Callable
 
 import ml_collections
 
-from dit_jax import train
-
-PREEMPTED = 75  # exit code of a worker that saved its checkpoint on SIGTERM and stopped early
+PREEMPTED = 75  # exit code of a member that saved its checkpoint on SIGTERM and stopped early
+DIED = -1000  # `code` of a member whose worker process died under it (the signal is in its log)
 
 
 def _cores() -> list[int]:
   return sorted(os.sched_getaffinity(0))
 
 
+class _Worker:
+  """A worker process on one core, and the member it is training."""
+
+  def __init__(self, core: int):
+    self.core, self.job, self.t0 = core, None, 0.0
+    self.proc = subprocess.Popen([sys.executable, "-m", "dit_jax.workers", str(core)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+  def start(self, job) -> None:
+    key, cfg, run_dir = job
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "member_config.json"), "w") as f:
+      json.dump(cfg, f, indent=1)
+    self.job, self.t0 = job, time.perf_counter()
+    self.proc.stdin.write(json.dumps(dict(key=key, config=cfg, run_dir=run_dir)) + "\n")
+    self.proc.stdin.flush()
+
+  def stop(self) -> None:
+    try:
+      self.proc.stdin.close()
+    except OSError:
+      pass
+    self.proc.wait()
+
+
 def run_pool(jobs: list, num_workers: int, on_done: Callable, poll_s: float = 0.2) -> bool:
-  """Runs `jobs` [(key, member config dict, run_dir)] with at most `num_workers` at once;
-  `on_done(key, returncode, seconds)` after each. Returns False if SIGTERM stopped the pool."""
-  cores, queue, running, stop = _cores(), list(jobs), {}, {"term": False}
+  """Runs `jobs` [(key, member config dict, run_dir)] in that order on at most `num_workers`
+  workers; `on_done(key, code, seconds)` after each (code 0: finished, PREEMPTED, or an error).
+  Returns False if SIGTERM stopped the pool (running members save their checkpoints)."""
+  cores, queue, stop = _cores(), list(jobs), {"term": False}
+  pool = [_Worker(cores[k % len(cores)]) for k in range(min(num_workers, len(jobs)))]
   old = signal.signal(signal.SIGTERM, lambda *a: stop.update(term=True))
   try:
-    while queue or running:
-      while queue and len(running) < num_workers and not stop["term"]:
-        key, cfg, run_dir = queue.pop(0)
-        free = [c for c in cores if c not in {r[2] for r in running.values()}] or cores
-        core = free[0]
-        os.makedirs(run_dir, exist_ok=True)
-        cfg_path = os.path.join(run_dir, "member_config.json")
-        with open(cfg_path, "w") as f:
-          json.dump(cfg, f, indent=1)
-        log = open(os.path.join(run_dir, "train.log"), "a")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dit_jax.workers", cfg_path, run_dir, str(core)], stdout=log,
-            stderr=subprocess.STDOUT)
-        running[key] = (proc, time.perf_counter(), core, log)
+    while True:
       if stop["term"]:
-        for proc, *_ in running.values():
-          proc.send_signal(signal.SIGTERM)  # each saves its checkpoint and exits
         queue.clear()
-      for key in [k for k, (p, *_) in running.items() if p.poll() is not None]:
-        proc, t0, _, log = running.pop(key)
-        log.close()
-        on_done(key, proc.returncode, time.perf_counter() - t0)
-      time.sleep(poll_s)
+        for w in pool:
+          if w.job is not None and w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)  # its member saves a checkpoint and returns
+      for k, w in enumerate(pool):
+        if w.job is None and queue:
+          if w.proc.poll() is not None:
+            w = pool[k] = _Worker(w.core)
+          w.start(queue.pop(0))
+      busy = [w for w in pool if w.job is not None]
+      if not busy:
+        break
+      ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], poll_s)
+      for w in busy:
+        if w.proc.stdout not in ready:
+          continue
+        line = w.proc.stdout.readline()
+        key, seconds = w.job[0], time.perf_counter() - w.t0
+        if line:
+          code = json.loads(line)["code"]
+        else:  # EOF: the process died under its member
+          code = DIED
+        if code not in (0, PREEMPTED):
+          w.proc.wait()  # a worker exits after a failed member; the next one gets a fresh process
+        w.job = None
+        on_done(key, code, seconds)
+    for w in pool:
+      w.stop()
   finally:
     signal.signal(signal.SIGTERM, old)
   return not stop["term"]
 
 
-def last_error(run_dir) -> str:
+def last_error(run_dir, code: int = 1) -> str:
   """The last error line a worker logged (for the failed row)."""
   try:
     with open(os.path.join(run_dir, "train.log")) as f:
@@ -73,19 +113,53 @@ def last_error(run_dir) -> str:
   except OSError:
     return "worker log missing"
   errors = [l for l in lines if "Error" in l or "error" in l]
+  if code == DIED:
+    return "the worker process died (killed, or out of memory); its log: " + (lines or ["empty"])[-1][:400]
   return (errors or lines or ["worker exited without output"])[-1][:500]
 
 
+def _train_one(config_dict: dict, run_dir: str) -> int:
+  from dit_jax import train  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(config_dict)
+  try:
+    state = train.train_and_evaluate(config, run_dir)
+  except Exception:  # pylint: disable=broad-except
+    import traceback  # pylint: disable=import-outside-toplevel
+    traceback.print_exc()
+    return 1
+  return 0 if int(state.step) >= config.num_train_steps else PREEMPTED
+
+
 def main(argv) -> int:
-  """A worker: train the member whose config is argv[1] in workdir argv[2] on core argv[3]."""
-  config_path, run_dir, core = argv[1], argv[2], int(argv[3])
+  """A worker on core argv[1]: trains the members it reads from stdin until stdin closes, or until
+  one fails (a fresh process takes the next)."""
+  core = int(argv[1])
   # Before the first computation creates XLA's CPU client, whose thread pool is sized by the cores
   # this process may use.
   os.sched_setaffinity(0, {core})
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  state = train.train_and_evaluate(config, run_dir)
-  return 0 if int(state.step) >= config.num_train_steps else PREEMPTED
+  answer = os.fdopen(os.dup(1), "w", buffering=1)  # the pipe to the parent, and only answers
+  os.dup2(2, 1)  # anything printed between members goes to stderr, not into the answers
+  from dit_jax import compile_cache  # pylint: disable=import-outside-toplevel
+  compile_cache.enable()
+  out, err = os.dup(1), os.dup(2)
+  for line in sys.stdin:
+    job = json.loads(line)
+    with open(os.path.join(job["run_dir"], "train.log"), "a") as log:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os.dup2(log.fileno(), 1)
+      os.dup2(log.fileno(), 2)
+      try:
+        code = _train_one(job["config"], job["run_dir"])
+      finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+    answer.write(json.dumps(dict(key=job["key"], code=code)) + "\n")
+    if code not in (0, PREEMPTED):
+      return 1  # whatever the failure left behind (a lock, a half-built state) goes with us
+  return 0
 
 
 if __name__ == "__main__":
