@@ -26,11 +26,13 @@ from absl import logging
 
 from dit_jax import captions
 from dit_jax import config_check
+from dit_jax import evaluators
 from dit_jax import files
 from dit_jax import models
 from dit_jax import report
 from dit_jax import results
 from dit_jax import scaling_fit
+from dit_jax import sharding as sharding_lib
 from dit_jax import sources
 from dit_jax import train
 from dit_jax import workers
@@ -157,7 +159,15 @@ def preflight(config, workdir: pathlib.Path):
   for m in members:  # a member trained before under another config is never resumed silently
     results.check_same_config(workdir / run_dir_name(m.run) / "config.json",
                               member_config(config, m), write=False)
-  return members, infos, source.kind
+  return members, infos, source
+
+
+def warm_caches(config, member: Member, source) -> None:
+  """Makes the feature network and FID reference statistics the members will load (training the
+  dataset CNN the first time), in this process, so that concurrent workers do not each make them."""
+  cfg = member_config(config, member)
+  if cfg.eval.fid.every_steps > 0 and cfg.eval.fid.num_samples > 0:
+    evaluators.feature_network_and_reference(cfg, source, sharding_lib.create_mesh(cfg.mesh_shape))
 
 
 def _collect(config, m: Member, info: dict, run_dir, data_kind) -> list[dict]:
@@ -198,7 +208,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
   """Trains every selected member that is not finished, then writes the report; returns the runs
   that failed."""
   workdir = pathlib.Path(workdir)
-  members, infos, data_kind = preflight(config, workdir)
+  members, infos, source = preflight(config, workdir)
   with files.WorkdirLock(workdir):
     path = workdir / "results.jsonl"
     done = {r["run"]: r.get("config_fingerprint") for r in files.read_jsonl(path)
@@ -214,7 +224,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
     if jax.process_index() == 0:
       print(f"sweep: {len(members)} members, {len(todo)} to train ({len(members) - len(todo)} "
             f"finished) in {workdir}", flush=True)
-    failed = _train_all(config, workdir, todo, infos, data_kind, path)
+    if todo and config.sweep.workers > 0:
+      warm_caches(config, todo[0], source)
+    failed = _train_all(config, workdir, todo, infos, source.kind, path)
     rows = files.read_jsonl(path) if jax.process_index() == 0 else []
     if rows:
       report.write(rows, workdir)
@@ -240,13 +252,15 @@ def _train_all(config, workdir, todo, infos, data_kind, path) -> list[str]:
     progress.finished(m, seconds, rows if error is None else [])
 
   if config.sweep.workers > 0:
+    # Longest first (by the progress line's cost proxy), so no long member runs alone at the end.
+    order = sorted(todo, key=lambda m: -progress.cost[m.run])
     jobs = [(m.run, member_config(config, m).to_dict(), str(workdir / run_dir_name(m.run)))
-            for m in todo]
+            for m in order]
 
     def on_done(run, code, seconds):
       if code != workers.PREEMPTED:
         finish(by_run[run], seconds, None if code == 0 else
-               workers.last_error(workdir / run_dir_name(run)))
+               workers.last_error(workdir / run_dir_name(run), code))
     if not workers.run_pool(jobs, config.sweep.workers, on_done):
       logging.warning("sweep: SIGTERM; the running members saved their checkpoints, re-run the "
                       "sweep to resume them")
