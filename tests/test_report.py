@@ -227,3 +227,12 @@ def test_isoflop_exponent_covers_the_truth(tmp_path):
     assert abs(math.log(p["n_opt"] / n_true)) < 0.05 and p["n_opt_ci"][0] < p["n_opt"]
   assert len(s["groups"][0]["members"]) == 12
   assert "N_opt ∝ C^a, a = " in (tmp_path / "results.md").read_text()
+
+
+def test_rows_against_another_reference_are_a_section_of_their_own(tmp_path):
+  rows = [dict(r, fid_reference_fingerprint="aaaa") for r in law_rows()]
+  other = [dict(r, run=r["run"] + "-other", fid_reference_fingerprint="bbbb") for r in rows
+           if r.get("status") == "ok"]
+  s = report.write(rows + other, tmp_path, n_boot=50, plots=False)
+  assert [g["fid_reference_fingerprint"] for g in s["groups"]] == ["aaaa", "bbbb"]
+  assert [len(g["members"]) for g in s["groups"]] == [7, 7]
