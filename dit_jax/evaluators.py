@@ -40,6 +40,7 @@ from dit_jax import inception
 from dit_jax import models
 from dit_jax import objectives
 from dit_jax import sharding as sharding_lib
+from dit_jax import sources
 from dit_jax import vae as vae_lib
 
 FEATURE_NETWORKS = ("auto", "inception", "cnn")
@@ -109,7 +110,7 @@ def check_with_data(config, source, model) -> None:
 def feature_images(config, source) -> dict:
   """The data config of the images the feature network sees: for latents, the VAE's decodings
   (latent side x the VAE's downsampling factor, its output channels), not the latents."""
-  data_cfg = dict(config.data.to_dict(), image_size=source.image_shape[0])
+  data_cfg = dict(config.data.to_dict(), image_size=source.image_shape[0], identity=source.name)
   if source.kind == "latents":
     path = pathlib.Path(config.eval.vae_path)
     if not (path / "config.json").is_file():
@@ -233,8 +234,31 @@ def _reference(config, source, name, feature_fn, labelled_images, mesh):
     return fid.load_reference(q.reference, name, feature_fn, batch_size=q.batch_size, mesh=mesh)
   cache = q.cache_dir or str(inception.default_cache_dir())
   return fid.cached_reference(cache, source.name, config.data.split, source.image_shape[0], name,
-                              feature_fn, lambda: labelled_images()[0], mesh=mesh,
-                              batch_size=q.batch_size)
+                              feature_fn, labelled_images()[0], mesh=mesh,
+                              batch_size=q.batch_size, log=logging.info)
+
+
+def reference_sample(config, source):
+  """(uint8 images, class labels) the dataset CNN trains on and the FID reference is made of: a
+  class-stratified sample of eval.fid.reference_size examples (all if <= 0) drawn with eval.seed,
+  read once per process."""
+  q = config.eval.fid
+  classes = captions.class_source(source)  # a caption source's base: the CNN learns classes
+  n = source.num_examples if q.reference_size <= 0 else min(q.reference_size, source.num_examples)
+  idx = sources.stratified_sample(sources.labels_of(classes), n, config.eval.seed)
+  return classes.read(idx, np.zeros(len(idx), bool))
+
+
+def feature_network_and_reference(config, source, mesh):
+  """(name, feature_fn, reference) of `eval.fid`: loaded from the cache when made from the same
+  images (and weights), else made (a dataset CNN trained, reference statistics computed) and
+  cached. A sweep calls it once before its workers start, so they all load what one process made."""
+  q = config.eval.fid
+  labelled_images = functools.lru_cache(maxsize=1)(lambda: reference_sample(config, source))
+  name, feature_fn = fid.feature_network(
+      feature_images(config, source), q.feature_network, cache_dir=q.cache_dir or None,
+      labelled_images=None if source.kind == "latents" else labelled_images, log=logging.info)
+  return name, feature_fn, _reference(config, source, name, feature_fn, labelled_images, mesh)
 
 
 class SampleQuality:
@@ -246,21 +270,13 @@ class SampleQuality:
     q = config.eval.fid
     self.every_steps = q.every_steps
     latents = source.kind == "latents"
-    n_ref = source.num_examples if q.reference_size <= 0 else min(q.reference_size,
-                                                                  source.num_examples)
-
-    def labelled_images():  # class labels (a caption source's base): the CNN learns classes
-      return captions.class_source(source).read(np.arange(n_ref), np.zeros(n_ref, bool))
-
-    name, feature_fn = fid.feature_network(
-        feature_images(config, source), q.feature_network, cache_dir=q.cache_dir or None,
-        labelled_images=None if latents else labelled_images, log=logging.info)
-    reference = _reference(config, source, name, feature_fn, labelled_images, mesh)
+    name, feature_fn, reference = feature_network_and_reference(config, source, mesh)
     if jax.process_index() == 0:  # which statistics the rows' FIDs were measured against
       files.atomic_write_text(pathlib.Path(workdir) / "fid_reference.json", json.dumps(dict(
           fid_reference=q.reference or f"cached:{source.name}/{config.data.split}",
           fid_reference_fingerprint=reference.fingerprint(),
-          fid_reference_size=int(reference.num_images), fid_feature_net=name)))
+          fid_reference_size=int(reference.num_images), fid_feature_net=name,
+          fid_feature_net_weights=getattr(feature_fn, "weights_key", None))))
     self._suite = FidSuite(name, feature_fn, reference, q.num_samples, q.batch_size,
                            num_classes=source.num_classes if models.reads_labels(model) else None,
                            mesh=mesh, data_axis=sharding_lib.BATCH_AXES, progress=False)

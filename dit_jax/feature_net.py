@@ -148,30 +148,40 @@ def load(path):
   return variables, meta
 
 
-def cache_path(cache_dir, dataset: str, image_size: int, channels: int = 0) -> pathlib.Path:
-  """Where the trained net of (dataset, resolution[, channels]) is cached."""
-  suffix = f"_c{channels}" if channels else ""
+def cache_path(cache_dir, dataset: str, image_size: int, channels: int = 0,
+               data_key: str = "") -> pathlib.Path:
+  """Where the net of (dataset, resolution[, channels]) trained on the images of `data_key` is
+  cached: one file per training set, so another dataset of the same name never reuses it."""
+  suffix = (f"_c{channels}" if channels else "") + (f"_{data_key}" if data_key else "")
   return pathlib.Path(cache_dir) / f"feature_net_{dataset}_{image_size}{suffix}.npz"
 
 
-def load_or_train(dataset: str, cache_dir, image_size: int, labelled_images=None,
-                  log: Callable[[str], None] | None = print, channels: int = 0, **train_kwargs):
-  """The cached net of (dataset, resolution), trained the first time: (variables, meta).
+def data_key(images: np.ndarray, labels: np.ndarray) -> str:
+  """The content key of a training set: its images and labels, bytes and shapes."""
+  return files.content_hash(images, np.asarray(labels, np.int64))
 
-  labelled_images: () -> (uint8 images, labels) at that resolution, e.g. from the data pipeline.
-  """
+
+def load_or_train(dataset: str, cache_dir, image_size: int, labelled_images,
+                  log: Callable[[str], None] | None = print, channels: int = 0,
+                  retrain: bool = False, **train_kwargs):
+  """The net trained on `labelled_images()` (uint8 images at image_size, labels): loaded from the
+  cache when one was trained on exactly those images, trained and cached otherwise (or when
+  `retrain`). Returns (variables, meta); meta records the training set's key and size."""
   if not image_size:
     raise ValueError("load_or_train needs image_size (the resolution the net sees)")
-  path = cache_path(cache_dir, dataset, image_size, channels)
-  if path.exists():
-    return load(path)
-  if labelled_images is None:
-    raise ValueError(f"no feature net cached at {path} and no labelled images to train one")
   images, labels = labelled_images()
   if images.shape[1:3] != (image_size, image_size):
     raise ValueError(f"labelled images are {images.shape[1:3]}, the net is for {image_size}px")
+  key = data_key(images, labels)
+  path = cache_path(cache_dir, dataset, image_size, channels, key)
+  if path.exists() and not retrain:
+    variables, meta = load(path)
+    if meta.get("data_key") == key:
+      return variables, meta
+    if log:
+      log(f"{path} was trained on other images (key {meta.get('data_key')}, now {key}); retraining")
   variables, meta = train(images, labels, log=log, **train_kwargs)
-  meta.update(dataset=dataset, image_size=image_size)
+  meta.update(dataset=dataset, image_size=image_size, data_key=key, num_examples=len(images))
   save(path, variables, meta)
   if log:
     log(f"feature net cached at {path}")
@@ -188,6 +198,7 @@ def make_feature_fn(variables, meta, dtype: Dtype = jnp.float32) -> Callable[[ja
   model = FeatureNet(meta["num_classes"], tuple(meta["widths"]), dtype=dtype)
   expected = tuple(meta["image_shape"])
   apply = jax.jit(lambda v, x: model.apply(v, x))
+  weights_key = files.content_hash(jax.device_get(variables))
   replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("d",)),
                                           jax.sharding.PartitionSpec())
   variables = jax.device_put(variables, replicated)
@@ -197,4 +208,5 @@ def make_feature_fn(variables, meta, dtype: Dtype = jnp.float32) -> Callable[[ja
       raise ValueError(f"this feature net was trained on images of shape {expected}, got "
                        f"{tuple(images.shape[1:])}; train one for this resolution")
     return apply(variables, images)
+  feature_fn.weights_key = weights_key  # keys the reference statistics made with these weights
   return feature_fn

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from scipy import linalg
 from tqdm.auto import tqdm
 
@@ -140,10 +141,11 @@ class Reference:
       h.update(np.ascontiguousarray(a, np.float64).tobytes())
     return h.hexdigest()[:16]
 
-  def save(self, path) -> None:
-    """Writes an .npz that ADM's evaluator could also read (mu, sigma, mu_s, sigma_s)."""
+  def save(self, path, key: str = "") -> None:
+    """Writes an .npz that ADM's evaluator could also read (mu, sigma, mu_s, sigma_s), with the
+    content `key` of what it was computed from (cached_reference)."""
     arrays = {"mu": self.mu, "sigma": self.sigma, "feature_net": np.array(self.feature_net),
-              "num_images": np.array(self.num_images)}
+              "num_images": np.array(self.num_images), "key": np.array(key)}
     if self.mu_s is not None:
       arrays.update(mu_s=self.mu_s, sigma_s=self.sigma_s)
     if self.features is not None:
@@ -196,20 +198,39 @@ def load_reference(path, feature_name: str, feature_fn: FeatureFn | None = None,
   return ref
 
 
-def reference_path(cache_dir, dataset: str, split: str, image_size: int, feature_name: str):
-  """Cache file of one (dataset, split, resolution, feature network)."""
-  return pathlib.Path(cache_dir) / f"ref_{dataset}_{split}_{image_size}_{feature_name}.npz"
+def reference_path(cache_dir, dataset: str, split: str, image_size: int, feature_name: str,
+                   key: str = ""):
+  """Cache file of one (dataset, split, resolution, feature network) and content `key`."""
+  suffix = f"_{key}" if key else ""
+  return pathlib.Path(cache_dir) / f"ref_{dataset}_{split}_{image_size}_{feature_name}{suffix}.npz"
+
+
+def reference_key(images_key: str, feature_fn: FeatureFn) -> str:
+  """The content key of reference statistics: the images' key and the feature network's weights
+  (a retrained net never reuses statistics of the old one)."""
+  weights = getattr(feature_fn, "weights_key", None)
+  if weights is None:
+    raise ValueError("the feature network has no weights_key; cached statistics need one")
+  return files.content_hash(images_key, weights)
 
 
 def cached_reference(cache_dir, dataset: str, split: str, image_size: int, feature_name: str,
-                     feature_fn: FeatureFn, images_fn: Callable[[], np.ndarray],
-                     batch_size: int = 250, mesh=None) -> Reference:
-  """The reference of (dataset, split, resolution, network), computed from images_fn() only once."""
-  path = reference_path(cache_dir, dataset, split, image_size, feature_name)
+                     feature_fn: FeatureFn, images_u8: np.ndarray, batch_size: int = 250,
+                     mesh=None, log: Callable[[str], None] | None = None) -> Reference:
+  """The reference of `images_u8` under `feature_fn`: cached under the key of both (the images'
+  bytes, the network's weights), stored in the file and checked on load; computed on a miss."""
+  key = reference_key(files.content_hash(images_u8), feature_fn)
+  path = reference_path(cache_dir, dataset, split, image_size, feature_name, key)
   if path.exists():
-    return load_reference(path, feature_name)
-  ref = compute_reference(feature_name, feature_fn, images_fn(), batch_size, mesh)
-  ref.save(path)
+    with np.load(path) as f:
+      stored = str(f["key"]) if "key" in f.files else None
+    if stored == key:
+      return load_reference(path, feature_name)
+    if log:
+      log(f"{path} holds statistics of other images or weights (key {stored}, now {key}); "
+          "recomputing")
+  ref = compute_reference(feature_name, feature_fn, images_u8, batch_size, mesh)
+  ref.save(path, key=key)
   return ref
 
 
@@ -233,7 +254,8 @@ def extract_features(feature_fn: FeatureFn, images_u8: np.ndarray, batch_size: i
   sharding, num_shards = data_sharding(mesh, data_axis)
   batch_size = max(num_shards, batch_size // num_shards * num_shards)
   out = {}
-  for i in tqdm(range(0, len(images_u8), batch_size), desc=desc, leave=False):
+  quiet = logging.get_verbosity() < logging.INFO  # a quiet sweep prints its own progress only
+  for i in tqdm(range(0, len(images_u8), batch_size), desc=desc, leave=False, disable=quiet):
     batch = images_u8[i:i + batch_size]
     n = len(batch)
     if n < batch_size:  # pad so every batch has one shape: one compile
@@ -288,13 +310,16 @@ def feature_network(data_config, network: str = "auto", cache_dir=None, inceptio
   the training pipeline's source; by default the dataset's files are read here.
   """
   name = _get(data_config, "name")
+  identity = _get(data_config, "identity") or name  # names the net: fid_<identity>_cnn
   image_size = _get(data_config, "image_size")
   channels = _get(data_config, "channels", 0)
   network = resolve_network(network, image_size, channels)
   cache_dir = pathlib.Path(cache_dir or inception.default_cache_dir())
   if network == "inception":
     params = inception.load_params(inception_weights, cache_dir, download)
-    return "inception", inception.make_feature_fn(params)
+    fn = inception.make_feature_fn(params)
+    fn.weights_key = files.content_hash(params)
+    return "inception", fn
   if network == "cnn":
     if not name or not image_size:
       raise ValueError("the 'cnn' feature network needs data_config.name and .image_size "
@@ -304,7 +329,7 @@ def feature_network(data_config, network: str = "auto", cache_dir=None, inceptio
         images, labels, _ = feature_net.read_labelled(
             name, _get(data_config, "path"), image_size, channels, _get(data_config, "split", "train"))
         return images, labels
-    variables, meta = feature_net.load_or_train(name, cache_dir, image_size, labelled_images,
+    variables, meta = feature_net.load_or_train(identity, cache_dir, image_size, labelled_images,
                                                 log=log, channels=channels)
-    return feature_net.network_name(name), feature_net.make_feature_fn(variables, meta)
+    return feature_net.network_name(identity), feature_net.make_feature_fn(variables, meta)
   raise ValueError(f"unknown feature network {network!r}: expected 'auto', 'inception' or 'cnn'")

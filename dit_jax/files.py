@@ -1,4 +1,5 @@
-"""Files the framework writes: JSON-lines logs and atomic (write-then-rename) saves.
+"""Files the framework writes: JSON-lines logs, atomic (write-then-rename) saves, and the content
+hash that keys every cache by what it was computed from.
 
 A reader of a JSON-lines file that a crash interrupted mid-append sees a torn last line; it is
 dropped with a warning, never parsed into a wrong row. A torn line anywhere else is corruption and
@@ -6,6 +7,7 @@ raises with the file and line named. Saves go to a temporary file in the same di
 renamed into place, so a reader never sees half a file.
 """
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -80,6 +82,34 @@ def atomic_save_npy(path, array) -> None:
   tmp = path.with_name(path.stem + ".tmp.npy")
   np.save(tmp, array)
   os.replace(tmp, path)
+
+
+def content_hash(*parts) -> str:
+  """sha256 (16 hex digits) of arrays (dtype, shape and bytes), strings, numbers and nested
+  dicts/lists/tuples of them (dicts in sorted key order): a cache key of what a result was made from."""
+  h = hashlib.sha256()
+
+  def feed(x):
+    if isinstance(x, dict):
+      h.update(b"{")
+      for k in sorted(x):
+        feed(str(k))
+        feed(x[k])
+      h.update(b"}")
+    elif isinstance(x, (list, tuple)):
+      h.update(b"[")
+      for v in x:
+        feed(v)
+      h.update(b"]")
+    elif isinstance(x, (str, bytes, int, float, bool)) or x is None:
+      h.update(repr(x).encode())
+    else:  # an array (numpy, or anything np.asarray takes: jax arrays)
+      a = np.ascontiguousarray(np.asarray(x))
+      h.update(f"{a.dtype.str}{a.shape}".encode())
+      h.update(a.tobytes())
+  for p in parts:
+    feed(p)
+  return h.hexdigest()[:16]
 
 
 class WorkdirLock:

@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import pathlib
+import re
 import socket
 from typing import Sequence
 
@@ -140,8 +141,10 @@ class LatentSource(Source):
   moments: Sequence[np.ndarray] = ()  # per shard [n, F, h, w, 2c], F=2 (plain, flipped) or 1
   labels: np.ndarray = None
   offsets: np.ndarray = None  # first global index of each shard
+  keep: np.ndarray | None = None  # the kept examples' global indices (data.max_examples)
 
   def read(self, indices, flips):
+    indices = np.asarray(indices) if self.keep is None else self.keep[np.asarray(indices)]
     shard = np.searchsorted(self.offsets, indices, side="right") - 1
     variant = flips.astype(np.int64) if self.flip else np.zeros(len(indices), np.int64)
     out = np.empty((len(indices),) + self.moments[0].shape[2:], np.float32)
@@ -151,6 +154,43 @@ class LatentSource(Source):
       order = np.argsort(local)  # sorted reads are kinder to the page cache
       out[rows[order]] = self.moments[s][local[order], variant[rows[order]]]
     return out, self.labels[indices]
+
+
+def stratified_sample(labels, n: int, seed: int) -> np.ndarray:
+  """Sorted indices of a seeded class-stratified sample of `n` of the examples with these labels:
+  each class gets its share of n (largest remainders break ties), drawn at random within it. With
+  n >= len(labels), every index in order. Datasets listed class by class (folders) keep all their
+  classes in a sample of any size, which the first n examples would not."""
+  labels = np.asarray(labels)
+  total = len(labels)
+  if n >= total:
+    return np.arange(total)
+  rng = np.random.default_rng([seed, 11])
+  flat = labels.reshape(total, -1)[:, 0] if labels.ndim > 1 else labels
+  classes, counts = np.unique(flat, return_counts=True)
+  share = counts * n / total
+  take = np.floor(share).astype(int)
+  extra = np.argsort(-(share - take), kind="stable")[:n - take.sum()]
+  take[extra] += 1
+  chosen = [rng.choice(np.nonzero(flat == c)[0], k, replace=False) for c, k in zip(classes, take)]
+  return np.sort(np.concatenate(chosen))
+
+
+def identity(kind: str, path) -> str:
+  """The name of a generic source (npz, folder) with its file's or directory's name, e.g.
+  'npz_mnist_test': what its metrics (fid_npz_mnist_test_cnn) and cache files are called."""
+  stem = re.sub(r"[^a-z0-9]+", "_", pathlib.Path(path).expanduser().resolve().stem.lower()).strip("_")
+  return f"{kind}_{stem}" if stem else kind
+
+
+def labels_of(source: Source) -> np.ndarray:
+  """Every example's label, without reading the images where the source holds them."""
+  if getattr(source, "labels", None) is not None:
+    return np.asarray(source.labels)[:source.num_examples]
+  if hasattr(source, "base") and hasattr(source, "indices"):  # a subset (splits.Subset)
+    return labels_of(source.base)[source.indices]
+  n = source.num_examples
+  return source.read(np.arange(n), np.zeros(n, bool))[1]
 
 
 def _check_image_size(cfg):
@@ -169,19 +209,25 @@ def _require_path(cfg, what):
   return path
 
 
-def _limit(cfg, n):
-  return n if cfg.max_examples <= 0 else min(n, cfg.max_examples)
+def _keep(cfg, labels) -> np.ndarray:
+  """The examples a source keeps: all, or with data.max_examples a class-stratified sample of
+  that many drawn with data.val_seed (never the first N: folders list class by class)."""
+  if cfg.max_examples <= 0:
+    return np.arange(len(labels))
+  return stratified_sample(labels, cfg.max_examples, cfg.val_seed)
 
 
 def _array_source(cfg, images, labels, class_names, name, split="all"):
-  n = _limit(cfg, len(images))
-  images = np.stack([prepare_image(im, cfg.image_size, cfg.channels) for im in images[:n]])
+  keep = _keep(cfg, labels)
+  n = len(keep)
+  images = np.stack([prepare_image(images[i], cfg.image_size, cfg.channels) for i in keep])
+  labels = np.asarray(labels)[keep]
   num_classes = len(class_names) if class_names else int(labels.max()) + 1
   if not class_names:
     class_names = tuple(str(i) for i in range(num_classes))
   return ArraySource(name=name, image_shape=images.shape[1:], num_classes=num_classes,
                      class_names=tuple(class_names), num_examples=n, flip=cfg.flip, split=split,
-                     images=images, labels=labels[:n].astype(np.int32))
+                     images=images, labels=labels.astype(np.int32))
 
 
 def _folder_source(cfg, directory, name):
@@ -189,8 +235,8 @@ def _folder_source(cfg, directory, name):
   if cfg.split and (directory / cfg.split).is_dir():
     directory, split = directory / cfg.split, cfg.split
   paths, labels, classes = datasets.list_image_folder(directory)
-  n = _limit(cfg, len(paths))
-  paths, labels = paths[:n], labels[:n]
+  keep = _keep(cfg, labels)
+  paths, labels, n = [paths[i] for i in keep], np.asarray(labels)[keep], len(keep)
   with Image.open(paths[0]) as im:
     native_c = len(im.getbands())
   c = cfg.channels or (1 if native_c == 1 else 3)
@@ -260,25 +306,29 @@ def _tfds_source(cfg, name):
   class_names = ()
   if label_key is not None and hasattr(features[label_key], "names"):
     class_names = tuple(features[label_key].names)
-  n = _limit(cfg, builder.info.splits[cfg.split].num_examples)
+  total = builder.info.splits[cfg.split].num_examples
+  n = total if cfg.max_examples <= 0 else min(total, cfg.max_examples)
   native_c = features[image_key].shape[-1] or 3
   c = cfg.channels or native_c
   fits = n * cfg.image_size ** 2 * c <= cfg.max_in_memory_gb * 2 ** 30
   file_format = str(getattr(builder.info, "file_format", "")).lower()
   if "array_record" in file_format:  # random access: decode on demand, or once if it fits in RAM
     records = builder.as_data_source(cfg.split)
-    labels = np.zeros(n, np.int32)
+    labels = np.zeros(total, np.int32)
     if label_key:  # one pass over the records without decoding images
       label_records = builder.as_data_source(
           cfg.split, decoders={image_key: tfds.decode.SkipDecoding()})
-      for start in range(0, n, 4096):
-        batch = label_records.__getitems__(list(range(start, min(n, start + 4096))))
+      for start in range(0, total, 4096):
+        batch = label_records.__getitems__(list(range(start, min(total, start + 4096))))
         labels[start:start + len(batch)] = [ex[label_key] for ex in batch]
+    keep = _keep(cfg, labels)
+    labels = labels[keep]
     num_classes = max(len(class_names), int(labels.max()) + 1)
     lazy = LazyImageSource(
         name=name, image_shape=(cfg.image_size, cfg.image_size, c), num_classes=num_classes,
         class_names=class_names or tuple(str(i) for i in range(num_classes)), num_examples=n,
-        flip=cfg.flip, split=cfg.split, load_fn=lambda i: np.asarray(records[i][image_key]),
+        flip=cfg.flip, split=cfg.split,
+        load_fn=lambda i: np.asarray(records[int(keep[i])][image_key]),
         labels=labels, channels=cfg.channels, num_workers=cfg.num_workers)
     return _materialize(lazy) if fits else lazy
   if not fits:
@@ -288,12 +338,14 @@ def _tfds_source(cfg, name):
         f"{file_format or 'tfrecord'}, which has no random access. Re-prepare it with "
         f"`tfds build {name} --file_format=array_record`, use data.name='folder', or extract "
         "latents (tools/extract_latents.py) and train on data.name='latents'.")
-  ds = builder.as_dataset(split=f"{cfg.split}[:{n}]", shuffle_files=False)
+  # No random access: the whole split is read in order, then the stratified sample kept.
+  ds = builder.as_dataset(split=cfg.split, shuffle_files=False)
   images, labels = [], []
   for ex in tfds.as_numpy(ds):
     images.append(prepare_image(ex[image_key], cfg.image_size, cfg.channels))
     labels.append(ex[label_key] if label_key else 0)
-  labels = np.asarray(labels, np.int32)
+  keep = _keep(cfg, np.asarray(labels, np.int32))
+  images, labels = [images[i] for i in keep], np.asarray(labels, np.int32)[keep]
   num_classes = max(len(class_names), int(labels.max()) + 1)
   return ArraySource(name=name, image_shape=images[0].shape, num_classes=num_classes,
                      class_names=class_names or tuple(str(i) for i in range(num_classes)),
@@ -313,13 +365,14 @@ def _latent_source(cfg):
                      "data.flip=False or re-extract with flips")
   moments, labels, offsets = latent_format.read_shards(directory, meta)
   labels = np.concatenate(labels).astype(np.int32)
-  n = _limit(cfg, len(labels))
+  keep = _keep(cfg, labels)
+  n = len(keep)
   h, w, c2 = moments[0].shape[2:]
   return LatentSource(
       name="latents", image_shape=(h, w, c2 // 2), num_classes=meta["num_classes"],
       class_names=tuple(meta["class_names"]), num_examples=n, flip=cfg.flip, kind="latents",
-      scaling_factor=meta["scaling_factor"], moments=moments, labels=labels[:n],
-      offsets=np.asarray(offsets[:-1]))
+      scaling_factor=meta["scaling_factor"], moments=moments, labels=labels[keep],
+      offsets=np.asarray(offsets[:-1]), keep=None if n == len(labels) else keep)
 
 
 def create_source(cfg: ml_collections.ConfigDict) -> Source:
@@ -353,11 +406,11 @@ def create_source(cfg: ml_collections.ConfigDict) -> Source:
       raise ValueError("data.name='tfds' needs data.tfds_name, e.g. 'imagenet2012' or 'celeb_a'")
     return _tfds_source(cfg, cfg.tfds_name)
   if cfg.name == "folder":
-    return _folder_source(cfg, _require_path(cfg, "a folder with one sub-folder per class"),
-                          "folder")
+    path = _require_path(cfg, "a folder with one sub-folder per class")
+    return _folder_source(cfg, path, identity("folder", path))
   path = _require_path(cfg, "an .npz file with 'images' (N,H,W[,C] uint8) and 'labels'")
   images, labels = datasets.read_npz(path)
-  return _array_source(cfg, images, labels, (), "npz")
+  return _array_source(cfg, images, labels, (), identity("npz", path))
 
 
 def describe(source: Source) -> str:

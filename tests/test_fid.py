@@ -101,20 +101,19 @@ def _pool_feature_fn(images):
 def test_reference_cache_and_adm_files(tmp_path):
   rng = np.random.default_rng(4)
   images = rng.integers(0, 256, size=(64, 4, 4, 1), dtype=np.uint8)
-  calls = []
-  ref = fid.cached_reference(tmp_path, "toy", "train", 4, "toy_net", _pool_feature_fn,
-                             lambda: calls.append(1) or images, batch_size=16)
-  again = fid.cached_reference(tmp_path, "toy", "train", 4, "toy_net", _pool_feature_fn,
-                               lambda: calls.append(1) or images)
-  assert calls == [1]  # computed once, then read from the cache
-  assert fid.reference_path(tmp_path, "toy", "train", 4, "toy_net").exists()
+  _pool_feature_fn.weights_key = "fixed"
+  ref = fid.cached_reference(tmp_path, "toy", "train", 4, "toy_net", _pool_feature_fn, images,
+                             batch_size=16)
+  cached, = tmp_path.glob("ref_toy_train_4_toy_net_*.npz")  # one file, named by its content key
+  again = fid.cached_reference(tmp_path, "toy", "train", 4, "toy_net", _pool_feature_fn, images)
+  assert list(tmp_path.glob("ref_*.npz")) == [cached]  # computed once, then read from the cache
   feats = np.asarray(_pool_feature_fn(jnp.asarray(images))["pool"], np.float64)
   for r in (ref, again):
     np.testing.assert_allclose(r.mu, feats.mean(0), rtol=1e-6)
     np.testing.assert_allclose(r.sigma, np.cov(feats, rowvar=False), rtol=1e-5, atol=1e-8)
     assert r.features.shape == (64, 6) and r.num_images == 64
   with pytest.raises(ValueError, match="feature network 'toy_net', not 'other'"):
-    fid.load_reference(fid.reference_path(tmp_path, "toy", "train", 4, "toy_net"), "other")
+    fid.load_reference(cached, "other")
 
   # ADM's reference batch layout: Inception stats plus the images, no feature_net entry.
   adm = tmp_path / "VIRTUAL_toy.npz"
@@ -143,7 +142,9 @@ def mnist_net(shared_data, tmp_path_factory):
   config = {"name": "mnist", "path": str(shared_data / "mnist"), "image_size": 28, "channels": 0,
             "split": "test"}
   name, feature_fn = fid.feature_network(config, "auto", cache_dir=cache, log=None)
-  _, meta = feature_net.load(feature_net.cache_path(cache, "mnist", 28))
+  path, = cache.glob("feature_net_mnist_28_*.npz")  # keyed by the 10000 test images it learnt
+  _, meta = feature_net.load(path)
+  assert meta["data_key"] == feature_net.data_key(images, labels) and meta["num_examples"] == 10000
   return images, labels, name, feature_fn, meta, cache, config
 
 
@@ -233,9 +234,11 @@ def test_train_feature_net_tool_on_digits(tmp_path, capsys):
                     "--cache_dir", str(tmp_path)])
   assert "digits_cnn: test accuracy" in capsys.readouterr().out
   assert meta["test_accuracy"] > 0.8 and meta["image_shape"] == [16, 16, 1]
+  logged = []
   name, feature_fn = fid.feature_network({"name": "digits", "image_size": 16}, "auto",
-                                         cache_dir=tmp_path, log=None)  # loads, no retraining
-  assert name == "digits_cnn"
+                                         cache_dir=tmp_path, log=logged.append)
+  assert name == "digits_cnn" and logged == []  # the run's images are the tool's: loads, no retraining
+  assert len(list(tmp_path.glob("feature_net_digits_16_*.npz"))) == 1
   out = feature_fn(np.zeros((8, 16, 16, 1), np.uint8))
   assert out["pool"].shape == (8, 128) and out["logits"].shape == (8, 10)
   with pytest.raises(ValueError, match="trained on images of shape"):
