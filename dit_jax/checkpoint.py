@@ -11,6 +11,7 @@ import shutil
 from typing import Any, Optional
 
 import jax
+from absl import logging
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
@@ -59,6 +60,28 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
+
+  def restore_newest_readable(self, abstract_state: Any) -> tuple:
+    """(step, state, data_state) of the newest checkpoint that reads back. One that does not (a
+    disk fault, a file truncated outside orbax's atomic save) is moved to `<directory>.corrupt/`,
+    kept for inspection and out of the manager's way, and the one before it is restored. (A
+    changed config never gets here: results.check_same_config refuses it first.)"""
+    steps = sorted(self.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        return (step, *self.restore(step, abstract_state))
+      except Exception as e:  # pylint: disable=broad-except
+        if jax.process_count() > 1:  # the hosts would disagree on the step to fall back to
+          raise
+        aside = self.directory.with_name(self.directory.name + ".corrupt") / str(step)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / str(step)), str(aside))
+        self._manager.reload()
+        logging.warning("checkpoint %d in %s does not read back (%s: %s); moved to %s, "
+                        "falling back to the one before", step, self.directory,
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", aside)
+    raise ValueError(f"no checkpoint in {self.directory} reads back (tried steps {steps}; moved to "
+                     f"{self.directory.name}.corrupt/); use a new workdir or delete them")
 
   def restore_data_state(self, step: Optional[int] = None) -> dict:
     """Only the JSON part of a checkpoint (no arrays are read)."""

@@ -14,6 +14,10 @@ runs 1 and 2 for every member up front.
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import pathlib
+
 from dit_jax import captions
 from dit_jax import distributed
 from dit_jax import evaluators
@@ -44,13 +48,47 @@ def renamed_message(old: str) -> str:
   return f"config field {old} was renamed: use {RENAMED[old]}"
 
 
+def _load_config_file(spec: str):
+  """The config `--config=PATH[:PRESET]` names, loaded as ml_collections' config_flags would."""
+  path, _, preset = spec.partition(":")
+  if not pathlib.Path(path).is_file():
+    raise ValueError(f"--config={spec}: no config file {path!r} (from {pathlib.Path.cwd()})")
+  module_spec = importlib.util.spec_from_file_location("_dit_jax_checked_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
 def check_argv(argv) -> None:
-  """Command-line overrides of renamed fields (`--config.eval.cfg_scale=2`), before flag parsing."""
-  for arg in argv:
-    if arg.startswith("--config."):
-      field = arg[len("--config."):].split("=", 1)[0]
-      if field in RENAMED:
-        raise ValueError(renamed_message(field))
+  """The command line before flag parsing: the config file exists, and every `--config.FIELD`
+  override is a field of it (renamed ones name their new name, typos the nearest fields), so a
+  mistyped flag is one line, not a traceback after the config dump."""
+  specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  specs += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+  fields = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  for field in fields:
+    if field in RENAMED:
+      raise ValueError(renamed_message(field))
+  if not specs:
+    return
+  config = _load_config_file(specs[-1])
+  known = _flat_keys(config)
+  for field in fields:
+    if field not in known:
+      same_depth = sorted(k for k in known if k.count(".") == field.count("."))
+      close = difflib.get_close_matches(field, same_depth, n=3, cutoff=0.6)
+      hint = f"; did you mean {' or '.join(close)}?" if close else ""
+      raise ValueError(f"--config.{field}: {specs[-1]} has no field {field!r}{hint}")
+
+
+def _flat_keys(config, prefix: str = "") -> list:
+  out = []
+  for k in config.keys():
+    v = config[k]
+    out.append(prefix + k)
+    if hasattr(v, "keys"):
+      out += _flat_keys(v, prefix + k + ".")
+  return out
 
 
 def _has(config, dotted: str) -> bool:

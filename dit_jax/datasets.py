@@ -5,6 +5,7 @@ Each reader returns (images_NxHxWxC uint8, labels_N int32). The sources in `sour
 """
 import gzip
 import pathlib
+import zipfile
 
 import numpy as np
 from sklearn.datasets import load_digits
@@ -75,19 +76,37 @@ def list_image_folder(directory):
 
 
 def read_npz(path):
-  """An .npz with `images` (N,H,W[,C]) uint8 and optional `labels` (N,) ints (default all 0)."""
-  with np.load(path, allow_pickle=False) as f:
-    if "images" not in f:
-      raise ValueError(f"{path}: expected an array named 'images' (N,H,W[,C] uint8), found {list(f)}")
-    images = f["images"]
-    labels = f["labels"].astype(np.int32) if "labels" in f else np.zeros(len(images), np.int32)
+  """An .npz with `images` (N,H,W[,C]) uint8 and optional `labels` (N,) ints >= 0 (default all 0).
+  A file that is not a readable .npz of that layout is a ValueError naming it and what is wrong."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if "images" not in f:
+        raise ValueError(f"{path}: expected an array named 'images' (N,H,W[,C] uint8), found "
+                         f"{list(f) or 'no arrays'}")
+      images = f["images"]
+      labels = f["labels"] if "labels" in f else np.zeros(len(images), np.int32)
+  except ValueError as e:
+    if str(path) in str(e):
+      raise
+    raise ValueError(f"{path}: not a readable .npz of arrays ({e.__class__.__name__}: "
+                     f"{str(e).splitlines()[0][:120]}); write it with numpy.savez") from None
+  except (OSError, EOFError, zipfile.BadZipFile) as e:  # truncated, not a zip, unreadable
+    raise ValueError(f"{path}: not a readable .npz ({e.__class__.__name__}: {e}); the file is "
+                     "truncated or not written by numpy.savez") from None
   if images.dtype != np.uint8:
     raise ValueError(f"{path}: 'images' must be uint8 in 0..255, got {images.dtype}")
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4 or labels.shape != (len(images),):
     raise ValueError(f"{path}: images {images.shape} / labels {labels.shape} are not (N,H,W[,C]) / (N,)")
-  return images, labels
+  if len(images) == 0:
+    raise ValueError(f"{path}: 'images' holds no examples")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{path}: 'labels' must be integers (class indices), got {labels.dtype}")
+  if labels.min() < 0:
+    raise ValueError(f"{path}: 'labels' must be class indices >= 0, got a minimum of "
+                     f"{int(labels.min())}")
+  return images, labels.astype(np.int32)
 
 
 def write_npz(path, images, labels) -> None:

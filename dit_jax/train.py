@@ -120,8 +120,8 @@ def restore_or_init(run: Run):
   config, latest = run.config, run.ckpt.latest_step()
   if latest is None:
     return step_lib.create_train_state(run.model, run.tx, run.mesh, config.seed, run.rules)[0]
-  state, saved = run.ckpt.restore(
-      latest, checkpoint_lib.abstract_with_shardings(run.abstract_state, run.shardings))
+  latest, state, saved = run.ckpt.restore_newest_readable(
+      checkpoint_lib.abstract_with_shardings(run.abstract_state, run.shardings))
   if (saved["seed"], saved["global_batch_size"]) != (config.seed, config.batch_size):
     raise ValueError(f"checkpoint in {run.ckpt.directory} was written with data seed/batch "
                      f"{saved['seed']}/{saved['global_batch_size']}, the config says "
@@ -163,6 +163,13 @@ class BatchHashes:
     self._f.close()
 
 
+def last_good(run: Run) -> str:
+  step = run.ckpt.latest_step()
+  if step is None:
+    return "No checkpoint was written before it (a re-run starts from step 0)."
+  return f"The last checkpoint (step {step}) holds the last good state."
+
+
 def check_streak(run: Run, metrics, upto: int) -> int:
   """The non-finite streak of `metrics`; raises NonFiniteError once it reaches the limit."""
   streak = int(jax.device_get(metrics["nonfinite_streak"]))
@@ -170,8 +177,8 @@ def check_streak(run: Run, metrics, upto: int) -> int:
     run.ckpt.wait()
     raise NonFiniteError(
         f"{streak} consecutive steps (up to step {upto}) had a non-finite loss or gradient; "
-        f"their updates were skipped. The last checkpoint ({run.ckpt.latest_step()}) holds the last "
-        f"good state. Lower the learning rate, set optim.grad_clip, or compute in float32.")
+        f"their updates were skipped. {last_good(run)} Lower the learning rate, set "
+        f"optim.grad_clip, or compute in float32.")
   return streak
 
 

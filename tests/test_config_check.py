@@ -85,6 +85,21 @@ def test_bad_config_fails_before_anything_is_built(overrides, match, tmp_path, t
   assert not (tmp_path / "w").exists()  # nothing written either
 
 
+def test_a_typo_or_a_missing_config_file_is_one_line_before_anything_runs(tmp_path):
+  with pytest.raises(ValueError, match=r"no field 'optim.lrr'; did you mean optim.lr\b"):
+    config_check.check_argv(["--config=configs/dit_sweep.py", "--config.optim.lrr=1e-3"])
+  with pytest.raises(ValueError, match="no config file 'configs/nope.py'"):
+    config_check.check_argv(["--config=configs/nope.py", "--config.seed=1"])
+  config_check.check_argv(["--config", "configs/dit_sweep.py:isoflop", "--config.sweep.seeds=(0,1)",
+                           "--config.eval.fid.num_samples=8"])  # real fields pass
+  out = subprocess.run([sys.executable, "-m", "dit_jax.main", "--config=configs/dit_sweep.py",
+                        "--config.sweep.sizez=(1,)", f"--workdir={tmp_path}/cli"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "no field 'sweep.sizez'; did you mean sweep.sizes" in out.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "cli").exists()
+
+
 def test_renamed_fields_are_rejected_with_the_new_name(tmp_path, tripwires):
   config = tiny_config()
   with config.unlocked():

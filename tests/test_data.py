@@ -325,3 +325,30 @@ def test_extract_latents_tool_end_to_end(shared_data, tmp_path):
   lat = sources.create_source(_cfg(name="latents", path=str(tmp_path / "out"), image_size=0))
   batch = pipeline.Pipeline(lat, 8, seed=0, sharding=_mesh_sharding()).batch(0)
   assert batch["image"].shape == (8, 8, 8, 4) and np.isfinite(np.asarray(batch["image"])).all()
+
+
+def test_bad_npz_files_name_the_file_and_the_fault(tmp_path):
+  good = tmp_path / "good.npz"
+  rng = np.random.default_rng(0)
+  datasets.write_npz(good, rng.integers(0, 256, (40, 8, 8), np.uint8), np.arange(40) % 4)
+  cases = {}
+  (tmp_path / "corrupt.npz").write_bytes(rng.integers(0, 256, 4000, np.uint8).tobytes())
+  cases["corrupt.npz"] = "not a readable .npz"
+  (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+  cases["truncated.npz"] = "not a readable .npz"
+  np.savez(tmp_path / "empty.npz", images=np.zeros((0, 8, 8), np.uint8), labels=np.zeros(0, int))
+  cases["empty.npz"] = "holds no examples"
+  np.savez(tmp_path / "none.npz")
+  cases["none.npz"] = "expected an array named 'images'"
+  images = rng.integers(0, 256, (10, 8, 8), np.uint8)
+  np.savez(tmp_path / "negative.npz", images=images, labels=np.arange(10) - 1)
+  cases["negative.npz"] = "class indices >= 0, got a minimum of -1"
+  np.savez(tmp_path / "float.npz", images=images, labels=np.linspace(0, 2, 10))
+  cases["float.npz"] = "must be integers"
+  np.savez(tmp_path / "pickled.npz", images=images, labels=np.array([{"a": 1}] * 10, object))
+  cases["pickled.npz"] = "not a readable .npz of arrays"
+  for name, msg in cases.items():
+    with pytest.raises(ValueError, match=msg) as e:
+      sources.create_source(_cfg(name="npz", path=str(tmp_path / name), image_size=8))
+    assert name in str(e.value), str(e.value)
+  assert sources.create_source(_cfg(name="npz", path=str(good), image_size=8)).num_examples == 40

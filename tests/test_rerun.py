@@ -5,10 +5,11 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from configs import dit_sweep
-from dit_jax import files, results, sweep
+from dit_jax import files, results, sweep, train
 from tests.helpers import main_cmd, subprocess_env, tiny_config
 
 TIMING = ("wall_s", "images_per_s", "eval_time_s", "sample_time_s")
@@ -136,3 +137,26 @@ def test_concurrent_workers_give_the_rows_of_one_worker(tmp_path):
   changed.ema_decay = 0.5
   with pytest.raises(ValueError, match="another config"):
     sweep.run(changed, tmp_path / "w2")
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+  config = tiny_config(num_train_steps=6, checkpoint_every_steps=2, keep_checkpoints=3)
+  final = train.train_and_evaluate(config, tmp_path)
+  ckpts = tmp_path / "checkpoints"
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4, 6]
+  for f in (ckpts / "6" / "state").rglob("*"):  # every array file of step 6 overwritten
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"\0garbage" * 8)
+  run = train.setup(config, tmp_path)
+  try:
+    state = train.restore_or_init(run)
+  finally:
+    run.lock.__exit__()
+  assert int(state.step) == 4  # the newest checkpoint that reads back
+  assert (tmp_path / "checkpoints.corrupt" / "6").is_dir()  # kept, not deleted
+  assert not (ckpts / "6").exists()
+  # Resuming from there trains steps 5 and 6 again: the same final state as the first run.
+  again = train.train_and_evaluate(config, tmp_path)
+  assert int(again.step) == 6
+  np.testing.assert_array_equal(np.asarray(again.params["x_embedder"]["kernel"]),
+                                np.asarray(final.params["x_embedder"]["kernel"]))
