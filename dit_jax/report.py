@@ -203,6 +203,8 @@ def organise(rows):
       cells = collections.defaultdict(list)
       for rs in runs:
         cells[(rs[-1]["model"], rs[-1]["budget_gflops"])].append(rs)
+      for v in cells.values():
+        v.sort(key=lambda rs: rs[-1]["seed"])  # seeds in order, whichever finished first
       out[key][objective] = sorted((Member(v) for v in cells.values()),
                                    key=lambda m: (m.budget or 0, m.gflops))
   return out, problems
@@ -526,10 +528,14 @@ def _group_md(title, members, stats, labels, fig_names) -> list:
     if s["law"]:
       w = s["law"]
       law_name = "FID" if metric == "fid" else name
+      lead = f"{w['e']:.4g} + " if "e" in w else ""
+      floor = (f", irreducible e = {w['e']:.4g} [{pc} CI {_f(w['e_ci'][0])}, {_f(w['e_ci'][1])}]"
+               if "e" in w else "")
       lines.append(f"- Law on the compute-optimal frontier of the DiTs' evaluation points "
-                   f"({w['n_points']} points, bootstrap over models): {law_name} = {w['a']:.4g}·C^−"
-                   f"{w['b']:.4g}, b = {w['b']:.3f} [{pc} CI {_f(w['b_ci'][0], '.3f')}, "
-                   f"{_f(w['b_ci'][1], '.3f')}], R² (log) {w['r2']:.3f}; C in Gflops")
+                   f"({w['n_points']} points, bootstrap over models): {law_name} = {lead}"
+                   f"{w['a']:.4g}·C^−{w['b']:.4g}, b = {w['b']:.3f} [{pc} CI "
+                   f"{_f(w['b_ci'][0], '.3f')}, {_f(w['b_ci'][1], '.3f')}]{floor}, R² (log) "
+                   f"{w['r2']:.3f}; C in Gflops")
     else:
       lines.append(f"- Law: {s['law_note']}")
     p = s["prediction"]
