@@ -49,7 +49,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # CPU-sized presets: small models, equal-step training, the dataset CNN as feature network.
   # One seed of this grid took 8.5-14 min on 2 idle cores; at 500 steps every member is still
   # undertrained and FID does not yet order by Gflops (Spearman -0.43 measured), from 1000 steps on
-  # it does. The 3-seed default took 55 min on a loaded machine (experiments/cpu_sweep/README.md).
+  # it does. The 3-seed default took 30 min 43 s on the idle machine, 2.10x the single-seed cpu1's
+  # 14 min 39 s the same day (experiments/cpu_sweep/README.md).
   config.sweep.sizes = ("Pico", "Nano")
   config.sweep.extra_models = ("UNet-Pico",)
   config.batch_size = 32
