@@ -41,7 +41,7 @@ class _Worker:
   """A worker process on one core, and the member it is training."""
 
   def __init__(self, core: int):
-    self.core, self.job, self.t0 = core, None, 0.0
+    self.core, self.job, self.t0, self.termed = core, None, 0.0, False
     self.proc = subprocess.Popen([sys.executable, "-m", "dit_jax.workers", str(core)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
@@ -74,8 +74,9 @@ def run_pool(jobs: list, num_workers: int, on_done: Callable, poll_s: float = 0.
       if stop["term"]:
         queue.clear()
         for w in pool:
-          if w.job is not None and w.proc.poll() is None:
+          if w.job is not None and w.proc.poll() is None and not w.termed:
             w.proc.send_signal(signal.SIGTERM)  # its member saves a checkpoint and returns
+            w.termed = True  # once: a second SIGTERM after the member returned would kill it
       for k, w in enumerate(pool):
         if w.job is None and queue:
           if w.proc.poll() is not None:

@@ -164,7 +164,8 @@ def _latents_config(tmp_path, feature_network="auto"):
 
 def test_latents_choose_the_feature_network_by_the_decoded_size(tmp_path):
   """32x32x4 SD latents decode to 256 px RGB: 'auto' is Inception; the CNN is refused up front."""
-  latents = lambda side: types.SimpleNamespace(kind="latents", image_shape=(side, side, 4))
+  latents = lambda side: types.SimpleNamespace(kind="latents", image_shape=(side, side, 4),
+                                                  name="latents")
   config = _latents_config(tmp_path)
   images = evaluators.feature_images(config, latents(32))
   assert (images["image_size"], images["channels"]) == (256, 3)

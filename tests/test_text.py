@@ -270,7 +270,12 @@ def _stub_feature_network(data_cfg, network, cache_dir=None, labelled_images=Non
   images, labels = labelled_images()
   assert labels.ndim == 1 and labels.max() < 10
   proj = jax.random.normal(jax.random.key(0), (images[0].size, 6))  # full-rank features
-  return "stub", jax.jit(lambda u8: {"pool": u8.reshape(u8.shape[0], -1) / 255.0 @ proj})
+  apply = jax.jit(lambda u8: {"pool": u8.reshape(u8.shape[0], -1) / 255.0 @ proj})
+
+  def feature_fn(u8):
+    return apply(u8)
+  feature_fn.weights_key = "stub-proj-0"  # what keys the reference statistics made with it
+  return "stub", feature_fn
 
 
 @pytest.fixture(scope="module")

@@ -54,3 +54,26 @@ def test_a_failed_or_killed_member_costs_only_itself(tmp_path):
   for run in ("good", "good2"):
     assert [r["step"] for r in files.read_jsonl(tmp_path / run / "metrics.jsonl") if "loss" in r]
   assert not _worker_pids()  # the pool leaves no process behind
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_pool_with_the_running_member_checkpointed(tmp_path):
+  endless = tiny_config(num_train_steps=1_000_000, checkpoint_every_steps=1_000_000).to_dict()
+  good = tiny_config(num_train_steps=2).to_dict()
+  jobs = [("endless", endless, str(tmp_path / "endless")), ("next", good, str(tmp_path / "next"))]
+
+  def term_when_training():
+    metrics = tmp_path / "endless" / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 300:
+      if metrics.exists() and any("loss" in r for r in files.read_jsonl(metrics)):
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends the sweep's parent
+        return
+      time.sleep(0.05)
+
+  threading.Thread(target=term_when_training).start()
+  done = []
+  assert not workers.run_pool(jobs, 1, lambda key, code, s: done.append((key, code)))
+  assert done == [("endless", workers.PREEMPTED)]  # saved and stopped; "next" never started
+  assert [p.name for p in (tmp_path / "endless" / "checkpoints").iterdir() if p.name.isdigit()]
+  assert not (tmp_path / "next").exists() and not _worker_pids()
