@@ -18,6 +18,8 @@ import difflib
 import importlib.util
 import pathlib
 
+from flax import traverse_util
+
 from dit_jax import captions
 from dit_jax import distributed
 from dit_jax import evaluators
@@ -72,23 +74,13 @@ def check_argv(argv) -> None:
   if not specs:
     return
   config = _load_config_file(specs[-1])
-  known = _flat_keys(config)
   for field in fields:
-    if field not in known:
-      same_depth = sorted(k for k in known if k.count(".") == field.count("."))
+    if not _has(config, field):
+      leaves = traverse_util.flatten_dict(config.to_dict(), sep=".")
+      same_depth = sorted(k for k in leaves if k.count(".") == field.count("."))
       close = difflib.get_close_matches(field, same_depth, n=3, cutoff=0.6)
       hint = f"; did you mean {' or '.join(close)}?" if close else ""
       raise ValueError(f"--config.{field}: {specs[-1]} has no field {field!r}{hint}")
-
-
-def _flat_keys(config, prefix: str = "") -> list:
-  out = []
-  for k in config.keys():
-    v = config[k]
-    out.append(prefix + k)
-    if hasattr(v, "keys"):
-      out += _flat_keys(v, prefix + k + ".")
-  return out
 
 
 def _has(config, dotted: str) -> bool:

@@ -187,8 +187,6 @@ def labels_of(source: Source) -> np.ndarray:
   """Every example's label, without reading the images where the source holds them."""
   if getattr(source, "labels", None) is not None:
     return np.asarray(source.labels)[:source.num_examples]
-  if hasattr(source, "base") and hasattr(source, "indices"):  # a subset (splits.Subset)
-    return labels_of(source.base)[source.indices]
   n = source.num_examples
   return source.read(np.arange(n), np.zeros(n, bool))[1]
 

@@ -21,6 +21,10 @@ class Subset(sources.Source):
   def read(self, indices, flips):
     return self.base.read(self.indices[np.asarray(indices)], flips)
 
+  @property
+  def labels(self) -> np.ndarray:
+    return sources.labels_of(self.base)[self.indices]
+
 
 def check_config(data) -> None:
   if data.val_size < 0:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_jax import evaluators, fid, files, sources
+from dit_jax import evaluators, fid, files, sources, splits
 from dit_jax import sharding as sharding_lib
 from tests.helpers import tiny_config
 
@@ -118,3 +118,11 @@ def test_reference_statistics_are_keyed_by_the_weights_and_checked_on_load(tmp_p
   assert logged and "recomputing" in logged[0]
   with pytest.raises(ValueError, match="weights_key"):
     fid.cached_reference(tmp_path, "toy", "all", 4, "toy_cnn", lambda x: {"pool": x}, images)
+
+
+def test_labels_of_a_held_out_split_are_its_examples_labels():
+  src = sources.create_source(_data_cfg(name="digits"))
+  train, val = splits.split(src, 64, seed=0)
+  np.testing.assert_array_equal(sources.labels_of(val), src.labels[val.indices])
+  np.testing.assert_array_equal(sources.labels_of(val), val.read(np.arange(64), np.zeros(64, bool))[1])
+  assert len(sources.labels_of(train)) == src.num_examples - 64
