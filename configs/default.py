@@ -28,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.learn_sigma = True  # Learned variance (LEARNED_RANGE) with the hybrid MSE + VLB loss.
   config.dtype = "bfloat16"  # Compute dtype (activations, matmuls); params stay param_dtype.
   config.param_dtype = "float32"  # Params and optimizer state (fp32 master weights).
-  config.attention_impl = ""  # jax.nn.dot_product_attention: '' (jax picks), 'xla' or 'cudnn'.
+  config.attention_impl = ""  # '': dit_jax.attention; 'xla'/'cudnn': jax.nn.dot_product_attention
   config.scan_layers = True  # nn.scan over blocks: one compiled block, much faster compiles.
   config.remat = False  # Recompute block activations in the backward pass (saves memory).
 

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dit_jax import embeddings, patchify as patchify_lib
+from dit_jax import attention, dense_dot, embeddings, patchify as patchify_lib
 from dit_jax.text import check_context
 
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
@@ -70,18 +70,18 @@ class Attention(nn.Module):
     h, hd = self.num_heads, d // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if context_BxSxD is None:
-      qkv = nn.DenseGeneral((3, h, hd), name="qkv", **kw,
+      qkv = dense_dot.DenseGeneral((3, h, hd), name="qkv", **kw,
                             kernel_init=xavier(("embed", None, "heads", "kv")),
                             bias_init=bias((None, "heads", "kv")))(x_BxTxD)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:  # cross-attention: separate q/k/v, each D x D
-      proj = lambda name, y: nn.DenseGeneral((h, hd), name=name, **kw,
+      proj = lambda name, y: dense_dot.DenseGeneral((h, hd), name=name, **kw,
                                              kernel_init=xavier(("embed", "heads", "kv")),
                                              bias_init=bias(("heads", "kv")))(y)
       q, k, v = proj("q", x_BxTxD), proj("k", context_BxSxD), proj("v", context_BxSxD)
     mask = None if mask_BxS is None else mask_BxS[:, None, None, :]
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
-    return nn.DenseGeneral(d, axis=(-2, -1), name="proj", **kw,
+    o = attention.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+    return dense_dot.DenseGeneral(d, axis=(-2, -1), name="proj", **kw,
                            kernel_init=xavier(("heads", "kv", "embed")),
                            bias_init=bias(("embed",)))(o)
 
@@ -96,10 +96,10 @@ class Mlp(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.Dense(self.hidden, name="fc1", kernel_init=xavier(("embed", "mlp")),
+    x = dense_dot.Dense(self.hidden, name="fc1", kernel_init=xavier(("embed", "mlp")),
                  bias_init=bias(("mlp",)), **kw)(x)
     x = nn.gelu(x, approximate=True)
-    return nn.Dense(d, name="fc2", kernel_init=xavier(("mlp", "embed")),
+    return dense_dot.Dense(d, name="fc2", kernel_init=xavier(("mlp", "embed")),
                     bias_init=bias(("embed",)), **kw)(x)
 
 
@@ -123,7 +123,7 @@ class DiTBlock(nn.Module):
     if self.conditioning in ("adaln_zero", "adaln"):
       zero = self.conditioning == "adaln_zero"
       n = 6 if zero else 4
-      mod = nn.Dense(n * d, name="adaLN_modulation", kernel_init=xavier(("embed", "mlp"), zero),
+      mod = dense_dot.Dense(n * d, name="adaLN_modulation", kernel_init=xavier(("embed", "mlp"), zero),
                      bias_init=bias(("mlp",)), **kw)(nn.silu(c_BxD))
       mod = jnp.split(mod, n, axis=-1)
       if zero:
@@ -157,11 +157,11 @@ class FinalLayer(nn.Module):
     x_BxTxD = layer_norm(self.dtype)(x_BxTxD)
     if self.conditioning in ("adaln_zero", "adaln"):
       zero = self.conditioning == "adaln_zero"
-      mod = nn.Dense(2 * d, name="adaLN_modulation", kernel_init=xavier(("embed", "mlp"), zero),
+      mod = dense_dot.Dense(2 * d, name="adaLN_modulation", kernel_init=xavier(("embed", "mlp"), zero),
                      bias_init=bias(("mlp",)), **kw)(nn.silu(c_BxD))
       shift, scale = jnp.split(mod, 2, axis=-1)
       x_BxTxD = modulate(x_BxTxD, shift, scale)
-    return nn.Dense(self.patch_size ** 2 * self.out_channels, name="linear", **kw,
+    return dense_dot.Dense(self.patch_size ** 2 * self.out_channels, name="linear", **kw,
                     kernel_init=xavier(("embed", None), zero=True), bias_init=bias((None,)))(x_BxTxD)
 
 
@@ -181,7 +181,7 @@ class DiT(nn.Module):
   # cross_attn only: > 0 appends a context sequence (B, L, context_dim), e.g. a caption encoding,
   # projected to hidden_size, to the (t, y) tokens the blocks cross-attend to.
   context_dim: int = 0
-  attention_impl: Optional[str] = None  # jax.nn.dot_product_attention: None, "xla" or "cudnn"
+  attention_impl: Optional[str] = None  # None: dit_jax.attention; "xla"/"cudnn": jax.nn's
   scan_layers: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
@@ -217,7 +217,7 @@ class DiT(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     tokens = patchify_lib.patchify(x_BxHxWxC.astype(self.dtype), p)
-    x_BxTxD = nn.Dense(d, name="x_embedder", kernel_init=xavier(("patch", "embed")),
+    x_BxTxD = dense_dot.Dense(d, name="x_embedder", kernel_init=xavier(("patch", "embed")),
                        bias_init=bias(("embed",)), **kw)(tokens)
     x_BxTxD = x_BxTxD + embeddings.sincos_2d(d, g, g).astype(self.dtype)[None]  # frozen
 
@@ -235,7 +235,7 @@ class DiT(nn.Module):
     if self.context_dim:
       context, context_mask = check_context(self.context_dim, context, context_mask,
                                             x_BxHxWxC.shape[0])
-      ctx_BxLxD = nn.Dense(d, name="context_proj", kernel_init=xavier((None, "embed")),
+      ctx_BxLxD = dense_dot.Dense(d, name="context_proj", kernel_init=xavier((None, "embed")),
                            bias_init=bias(("embed",)), **kw)(context.astype(self.dtype))
       mask_BxS = jnp.concatenate([jnp.ones(cond_BxSxD.shape[:2], bool), context_mask], axis=1)
       cond_BxSxD = jnp.concatenate([cond_BxSxD, ctx_BxLxD], axis=1)

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import dense_dot
+
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
   """[sin, cos] of pos * 10000^(-2i/dim), shape (len(pos), dim)."""
@@ -43,7 +45,7 @@ class TimestepEmbedder(nn.Module):
   @nn.compact
   def __call__(self, t_B):
     x = timestep_embedding(t_B, self.frequency_size).astype(self.dtype)
-    dense = lambda name, names: nn.Dense(
+    dense = lambda name, names: dense_dot.Dense(
         self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)))

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import dense_dot
+
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
 PAD_ID, BOS_ID, UNK_ID = 0, 1, 2
 SPECIAL_TOKENS = (PAD, BOS, UNK)
@@ -173,9 +175,9 @@ class EncoderLayer(nn.Module):
             h, mask=nn.make_attention_mask(mask_BxL, mask_BxL))
     x_BxLxD = x_BxLxD + h
     h = nn.LayerNorm(name="norm2", **kw)(x_BxLxD)
-    h = nn.Dense(int(d * self.mlp_ratio), name="fc1", kernel_init=xavier(("embed", "mlp")),
+    h = dense_dot.Dense(int(d * self.mlp_ratio), name="fc1", kernel_init=xavier(("embed", "mlp")),
                  bias_init=zeros(("mlp",)), **kw)(h)
-    h = nn.Dense(d, name="fc2", kernel_init=xavier(("mlp", "embed")), bias_init=zeros(("embed",)),
+    h = dense_dot.Dense(d, name="fc2", kernel_init=xavier(("mlp", "embed")), bias_init=zeros(("embed",)),
                  **kw)(nn.gelu(h, approximate=True))
     return x_BxLxD + h
 

@@ -14,10 +14,9 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from dit_jax import embeddings
+from dit_jax import attention, dense_dot, embeddings
 from dit_jax.text import check_context
 
 
@@ -99,7 +98,7 @@ class ResBlock(nn.Module):
       resample = downsample_pool if self.updown == "down" else upsample_nearest
       h, x_BxHxWxC = resample(h), resample(x_BxHxWxC)
     h = conv(c, 3, "in_conv", kw)(h)
-    emb = nn.Dense(2 * c, name="emb_proj", kernel_init=torch_default(("embed", "mlp")),
+    emb = dense_dot.Dense(2 * c, name="emb_proj", kernel_init=torch_default(("embed", "mlp")),
                    bias_init=zeros(("mlp",)), **kw)(nn.silu(emb_BxE))
     scale, shift = jnp.split(emb[:, None, None, :], 2, axis=-1)  # ADM chunks scale first
     h = group_norm(self.num_groups, "out_norm", self.dtype)(h) * (1 + scale) + shift
@@ -123,22 +122,22 @@ class AttentionBlock(nn.Module):
     b, hh, ww, c = x_BxHxWxC.shape
     nh, hd = c // self.num_head_channels, self.num_head_channels
     x_BxTxC = x_BxHxWxC.reshape(b, hh * ww, c)
-    out_proj = lambda name: nn.DenseGeneral(c, axis=(-2, -1), name=name, **kw,
+    out_proj = lambda name: dense_dot.DenseGeneral(c, axis=(-2, -1), name=name, **kw,
                                             kernel_init=zeros(("heads", "kv", "embed")),
                                             bias_init=zeros(("embed",)))
     h = group_norm(self.num_groups, "norm", self.dtype)(x_BxTxC).astype(self.dtype)
-    qkv = nn.DenseGeneral((3, nh, hd), name="qkv", kernel_init=torch_default(
+    qkv = dense_dot.DenseGeneral((3, nh, hd), name="qkv", kernel_init=torch_default(
         ("embed", None, "heads", "kv")), bias_init=zeros((None, "heads", "kv")), **kw)(h)
-    o = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    o = attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     x_BxTxC = x_BxTxC + out_proj("proj_out")(o)
     if context_BxLxD is not None:
-      proj = lambda name, y: nn.DenseGeneral((nh, hd), name=name, kernel_init=torch_default(
+      proj = lambda name, y: dense_dot.DenseGeneral((nh, hd), name=name, kernel_init=torch_default(
           ("embed", "heads", "kv")), bias_init=zeros(("heads", "kv")), **kw)(y)
       h = group_norm(self.num_groups, "cross_norm", self.dtype)(x_BxTxC).astype(self.dtype)
       ctx = context_BxLxD.astype(self.dtype)
       mask = mask_BxL[:, None, None, :]
-      o = jax.nn.dot_product_attention(proj("cross_q", h), proj("cross_k", ctx),
-                                       proj("cross_v", ctx), mask=mask)
+      o = attention.dot_product_attention(proj("cross_q", h), proj("cross_k", ctx),
+                                          proj("cross_v", ctx), mask=mask)
       # A fully padded context attends to nothing rather than averaging the padding.
       o = jnp.where(jnp.any(mask_BxL, axis=-1)[:, None, None, None], o, 0)
       x_BxTxC = x_BxTxC + out_proj("cross_out")(o)
@@ -264,7 +263,7 @@ class UNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     e = self.time_embed_dim
 
-    dense = lambda name, names: nn.Dense(e, name=name, kernel_init=torch_default(names),
+    dense = lambda name, names: dense_dot.Dense(e, name=name, kernel_init=torch_default(names),
                                          bias_init=zeros((names[1],)), **kw)
     temb = embeddings.timestep_embedding(t_B, self.model_channels).astype(self.dtype)
     emb_BxE = dense("time_embed_1", ("mlp", "embed"))(

@@ -11,7 +11,7 @@ the jax/torch speed ratio. --matmul: this machine's fp32 numpy matmul rate on 40
 yardstick for achieved GFLOP/s. FLOPs per step = 6 x paper Gflops (MACs) x batch.
 """
 import argparse
-import functools
+import math
 import os
 import resource
 import statistics
@@ -105,41 +105,99 @@ def bench_jax(name, args) -> dict:
   return out
 
 
+class TorchHybridLoss:
+  """DiT's training loss (ADM's LossType.MSE with LEARNED_RANGE Sigma) in torch, per example.
+
+  Written from ADM's gaussian_diffusion.py / losses.py formulas (what facebookresearch/DiT's
+  `diffusion.training_losses` runs): mse on eps, plus the VLB term in bits/dim with the eps channels
+  detached: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), or at t = 0 the discretised-Gaussian decoder
+  NLL; the model's log-variance interpolates log(posterior variance, clipped) and log(beta_t).
+  The coefficient tables are dit_jax's (float64, cast once), so torch and jax see the same numbers.
+  """
+
+  def __init__(self, diffusion):
+    import torch  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    tab = lambda name: torch.tensor(np.asarray(getattr(diffusion, name)), dtype=torch.float32)
+    self.sqrt_abar, self.sqrt_1m_abar = tab("sqrt_alphas_cumprod"), tab("sqrt_one_minus_alphas_cumprod")
+    self.recip, self.recipm1 = tab("sqrt_recip_alphas_cumprod"), tab("sqrt_recipm1_alphas_cumprod")
+    self.coef1, self.coef2 = tab("posterior_mean_coef1"), tab("posterior_mean_coef2")
+    self.post_logvar, self.log_betas = tab("posterior_log_variance_clipped"), tab("log_betas")
+    self.num_timesteps = diffusion.num_timesteps
+
+  def q_sample(self, x0, t, noise):
+    g = lambda a: a[t].view(-1, 1, 1, 1)
+    return g(self.sqrt_abar) * x0 + g(self.sqrt_1m_abar) * noise
+
+  def __call__(self, out, x0, x_t, t, noise):
+    """Per-example loss, mse and vb for a model output (B, 2C, H, W) at x_t (B, C, H, W)."""
+    torch = self.torch
+    g = lambda a: a[t].view(-1, 1, 1, 1)
+    c = x0.shape[1]
+    eps, var = out[:, :c], out[:, c:]
+    mean_flat = lambda a: a.mean(dim=(1, 2, 3))
+    mse = mean_flat((noise - eps) ** 2)
+    frac = (var + 1) / 2
+    model_logvar = frac * g(self.log_betas) + (1 - frac) * g(self.post_logvar)
+    pred_x0 = g(self.recip) * x_t - g(self.recipm1) * eps.detach()
+    model_mean = g(self.coef1) * pred_x0 + g(self.coef2) * x_t
+    true_mean = g(self.coef1) * x0 + g(self.coef2) * x_t
+    true_logvar = g(self.post_logvar)
+    kl = 0.5 * (-1.0 + model_logvar - true_logvar + torch.exp(true_logvar - model_logvar)
+                + (true_mean - model_mean) ** 2 * torch.exp(-model_logvar))
+    kl = mean_flat(kl) / math.log(2.0)
+    nll = -mean_flat(self._discretized_log_likelihood(x0, model_mean, 0.5 * model_logvar))
+    vb = torch.where(t == 0, nll / math.log(2.0), kl)
+    return mse + vb, mse, vb
+
+  def _discretized_log_likelihood(self, x, means, log_scales):
+    torch = self.torch
+    cdf = lambda z: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
+    centered, inv_std = x - means, torch.exp(-log_scales)
+    cdf_plus, cdf_min = cdf(inv_std * (centered + 1 / 255)), cdf(inv_std * (centered - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
 def bench_torch(name, args) -> dict:
-  """The same model's train step in PyTorch (diffusers DiTTransformer2DModel, fp32)."""
+  """facebookresearch/DiT's train.py step on diffusers' DiTTransformer2DModel, fp32, CPU.
+
+  Per step, as train.py: t ~ U{0..T-1}, the hybrid loss above (label dropout happens inside the
+  model's LabelEmbedding in train mode), backward, AdamW (lr 1e-4, no weight decay), and the
+  per-parameter EMA update `ema.mul_(decay).add_(p, alpha=1 - decay)` of its update_ema.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import DiTTransformer2DModel  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  m = models.build(name)
-  p, row = m.patch_size, m
+  row = models.build(name)
   c = args.in_channels
   model = DiTTransformer2DModel(
       num_attention_heads=row.num_heads, attention_head_dim=row.hidden_size // row.num_heads,
       in_channels=c, out_channels=2 * c, num_layers=row.depth, sample_size=args.input_size,
-      patch_size=p, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+      patch_size=row.patch_size, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
   model.train()
   ema = [q.detach().clone() for q in model.parameters()]
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-  abar = torch.tensor(np.cumprod(1 - diffusion_lib.linear_betas(1000)), dtype=torch.float32)
+  loss_fn = TorchHybridLoss(diffusion_lib.create())
   x0 = torch.randn(args.batch, c, args.input_size, args.input_size)
   y = torch.randint(0, 1000, (args.batch,))
 
   def step():
-    t = torch.randint(0, 1000, (args.batch,))
+    t = torch.randint(0, loss_fn.num_timesteps, (args.batch,))
     noise = torch.randn_like(x0)
-    a = abar[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    drop = torch.rand(args.batch) < 0.1
-    out = model(x_t, timestep=t, class_labels=torch.where(drop, 1000, y)).sample
-    eps, var = out[:, :c], out[:, c:]
-    # MSE on eps plus a loss on the variance channels (the VLB's cost is elementwise, negligible).
-    loss = ((eps - noise) ** 2).mean() + (var ** 2).mean() * 1e-3
+    x_t = loss_fn.q_sample(x0, t, noise)
+    out = model(x_t, timestep=t, class_labels=y).sample
+    loss = loss_fn(out, x0, x_t, t, noise)[0].mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     with torch.no_grad():
-      torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.9999)  # pylint: disable=protected-access
+      for e, q in zip(ema, model.parameters()):
+        e.mul_(0.9999).add_(q, alpha=1 - 0.9999)
 
   times = []
   for i in range(args.warmup + args.steps):

@@ -1,0 +1,112 @@
+"""Softmax attention for the models: jax's forward, with a hand-written backward pass.
+
+`dot_product_attention(q, k, v, mask, implementation)` takes jax.nn.dot_product_attention's
+(B, T, N, H) layout. `implementation="xla"` or `"cudnn"` calls jax's function. The default
+(None / "") computes the forward with the arithmetic of jax's XLA path, with the heads moved first
+(so the products' summation order, and float32 rounding, can differ), and has its own VJP:
+
+- S = q.k^T * scale in float32, masked with jax's large negative number, P = softmax(S) in float32,
+  O = P.v;
+- backward as in FlashAttention (Dao et al. 2022, Alg. 2, without tiling): dV = P^T.dO,
+  dP = dO.V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS.K * scale, dK = dS^T.Q * scale.
+
+Autodiff of jax's function instead differentiates the softmax as (g - sum(g * P)) * P over the
+(B, N, T, S) logits and keeps the products in the (B, T, N, H) layout, which XLA:CPU (jax 0.10)
+serves with transposing copies around every per-head product. On DiT-S/2's shape (8 x 256 tokens,
+6 heads of 64) one attention's forward+backward takes 27 ms here against 40 ms for jax's
+(experiments/bench_train.md, "Attention"). Results agree to float32 rounding
+(tests/test_attention.py).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+IMPLEMENTATIONS = (None, "", "xla", "cudnn")
+
+
+def dot_product_attention(q, k, v, mask=None, implementation=None):
+  """Attention over (B, T, N, H) queries and (B, S, N, H) keys/values; mask broadcasts to (B, N, T, S)."""
+  if implementation:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  if mask is None:
+    return _attention(q, k, v)
+  return _masked_attention(q, k, v, jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1],
+                                                            k.shape[1])))
+
+
+def _large_negative(dtype):
+  """jax.nn.dot_product_attention's fill value for masked logits."""
+  top = min(float(jnp.finfo(dtype).max), float(jnp.finfo(jnp.float32).max))
+  return jnp.asarray(-0.7 * top, dtype=dtype)
+
+
+def _heads_first(a):  # (B, T, N, H) -> (B, N, T, H)
+  return jnp.swapaxes(a, 1, 2)
+
+
+def _precision(dtype):
+  if dtype == jnp.bfloat16:
+    return lax.DotAlgorithmPreset.BF16_BF16_F32
+  if dtype == jnp.float16:
+    return lax.DotAlgorithmPreset.F16_F16_F32
+  return None
+
+
+def _forward(q, k, v, mask):
+  """O and the residuals; the arithmetic of jax's `_dot_product_attention_core`."""
+  qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum("bntd,bnsd->bnts", qh, kh, precision=_precision(q.dtype),
+                      preferred_element_type=logits_dtype)
+  logits = logits * jnp.asarray(1 / np.sqrt(q.shape[-1]), logits.dtype)
+  if mask is not None:
+    logits = jnp.where(mask, logits, _large_negative(logits.dtype))
+  p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+  o = jnp.einsum("bnts,bnsd->bntd", p, vh)
+  return _heads_first(o), (qh, kh, vh, p, o)
+
+
+def _backward(mask, residuals, g):
+  qh, kh, vh, p, o = residuals
+  scale = np.float32(1 / np.sqrt(qh.shape[-1]))
+  gh = _heads_first(g)
+  dv = jnp.einsum("bnts,bntd->bnsd", p, gh)
+  dp = jnp.einsum("bntd,bnsd->bnts", gh, vh, preferred_element_type=jnp.float32)
+  delta = jnp.sum(gh.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = p.astype(jnp.float32) * (dp - delta)
+  if mask is not None:  # masked logits are constants of the forward (a fully masked row too)
+    ds = jnp.where(mask, ds, 0.0)
+  ds = (ds * scale).astype(qh.dtype)
+  dq = jnp.einsum("bnts,bnsd->bntd", ds, kh)
+  dk = jnp.einsum("bnts,bntd->bnsd", ds, qh)
+  return _heads_first(dq), _heads_first(dk), _heads_first(dv)
+
+
+@jax.custom_vjp
+def _attention(q, k, v):
+  return _forward(q, k, v, None)[0]
+
+
+_attention.defvjp(lambda q, k, v: _forward(q, k, v, None),
+                  functools.partial(_backward, None))
+
+
+@jax.custom_vjp
+def _masked_attention(q, k, v, mask):
+  return _forward(q, k, v, mask)[0]
+
+
+def _masked_fwd(q, k, v, mask):
+  o, residuals = _forward(q, k, v, mask)
+  return o, (residuals, mask)
+
+
+def _masked_bwd(saved, g):
+  residuals, mask = saved
+  return _backward(mask, residuals, g) + (None,)
+
+
+_masked_attention.defvjp(_masked_fwd, _masked_bwd)
