@@ -68,6 +68,29 @@ def hlo_ops(dump_dir: str) -> dict:
   return ops
 
 
+def _print_gaps(events, ops, steps, top=8):
+  """Time with no traced kernel running, and the op after each longest gap.
+
+  Plain (non-fused) dots run asynchronously on Eigen's pool: their trace event ends at dispatch,
+  so their work shows up as the gap before the op that waits for them.
+  """
+  spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                 if e.get("ph") == "X" and e["name"] in ops)
+  covered, end, gaps = 0.0, spans[0][0], collections.Counter()
+  for start, stop, name in spans:
+    if start > end:
+      gaps[ops[name][0] or re.sub(r"\.\d+$", "", name)] += start - end
+    covered += max(0.0, stop - max(start, end))
+    end = max(end, stop)
+  span = spans[-1][1] - spans[0][0]
+  print(f"\ntrace span {span / 1e3 / steps:.0f} ms/step, kernels running {covered / 1e3 / steps:.0f}, "
+        f"no traced kernel {(span - covered) / 1e3 / steps:.0f} (incl. between steps); longest, "
+        f"by the op that follows:")
+  for op_name, us in gaps.most_common(top):
+    op_name = re.sub(r"blocks_\d+", "blocks_*", re.sub(r"^jit\([^)]*\)/", "", op_name))
+    print(f"  {us / 1e3 / steps:7.1f} ms  before {op_name[:100]}")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--model", default="DiT-S/2")
@@ -114,6 +137,7 @@ def main():
   for (kind, op_name), us in time_us.most_common(args.top):
     rate = f"{flop[(kind, op_name)] / us / 1e3:.0f}" if flop[(kind, op_name)] else ""
     print(f"| {us / 1e3:.1f} | {100 * us / total:.1f} | {kind} | {op_name[:90]} | {rate} |")
+  _print_gaps(events, ops, args.steps)
   dots = [(flop[k], us) for k, us in time_us.items() if flop[k]]
   if dots:
     f, us = map(sum, zip(*dots))
