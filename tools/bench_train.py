@@ -50,8 +50,9 @@ def _timed(fn) -> float:
 
 
 def build(name, args):
+  depth = dict(depth=args.depth) if getattr(args, "depth", 0) else {}
   model = models.build(name, input_size=args.input_size, in_channels=args.in_channels,
-                         num_classes=1000, scan_layers=args.scan, remat=args.remat,
+                         num_classes=1000, scan_layers=args.scan, remat=args.remat, **depth,
                          attention_impl=args.attention or None,
                          dtype=models.dtype_of(args.dtype), param_dtype=jnp.float32)
   tx = optax.adamw(1e-4, weight_decay=0.0)

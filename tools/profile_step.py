@@ -1,6 +1,7 @@
 """Where a train step's time goes on XLA:CPU: a profiler trace of the trainer's step, summed by op.
 
   python tools/profile_step.py --model=DiT-S/2 --batch=8          # latent 32x32x4, as bench_train
+  python tools/profile_step.py --model=DiT-S/2 --depth=1           # one block (and the embedders)
 
 Sets XLA's CPU TraceMe flag, jits the real `train_step.train_step` (as tools/bench_train.py does), traces
 `--steps` steps with `jax.profiler` (a Perfetto JSON trace) and prints one table: each operation's
@@ -97,12 +98,13 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--input_size", type=int, default=32)
   p.add_argument("--in_channels", type=int, default=4)
+  p.add_argument("--depth", type=int, default=0, help="blocks (0: the size's own depth)")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--top", type=int, default=25)
   args = p.parse_args()
   bench_args = argparse.Namespace(input_size=args.input_size, in_channels=args.in_channels,
                                   scan=False, remat=False, attention="", dtype="float32",
-                                  mesh="-1,1,1", batch=args.batch)
+                                  mesh="-1,1,1", batch=args.batch, depth=args.depth)
   model, tx, mesh, step = bench_train.build(args.model, bench_args)
   state, _ = train_step.create_train_state(model, tx, mesh, seed=0)
   rng = np.random.default_rng(0)
@@ -130,7 +132,8 @@ def main():
       time_us[key] += e["dur"] / args.steps
       flop[key] += f / args.steps
   total = sum(time_us.values())
-  print(f"{args.model}, batch {args.batch}: {total / 1e3:.0f} ms of kernels per step "
+  depth = f", {args.depth} block(s)" if args.depth else ""
+  print(f"{args.model}{depth}, batch {args.batch}: {total / 1e3:.0f} ms of kernels per step "
         f"({jax.devices()[0].device_kind}, jax {jax.__version__})")
   print("| ms/step | % | kernel | op (F forward, T backward) | GFLOP/s |")
   print("|---:|---:|---|---|---:|")
