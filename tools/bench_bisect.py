@@ -21,7 +21,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from dit_jax import diffusion as diffusion_lib  # noqa: E402
@@ -84,12 +83,7 @@ def _row(name, layout, compiled, args, steps, flops):
 
 
 def run(args) -> list:
-  shape = (args.batch, args.input_size, args.input_size, args.in_channels)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(shape, np.float32))
-  noise = jnp.asarray(rng.standard_normal(shape, np.float32))
-  y = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32)
-  t = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32)
+  x, noise, y, t = bench_train.random_inputs(args)
   full_depth = models.build(args.model, input_size=args.input_size, in_channels=args.in_channels,
                             num_classes=1000).depth
   rows = []
@@ -132,10 +126,7 @@ def run(args) -> list:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="DiT-S/2")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--input_size", type=int, default=32)
-  p.add_argument("--in_channels", type=int, default=4)
+  bench_train.add_shape_args(p)
   p.add_argument("--steps", type=int, default=5)
   args = p.parse_args(argv)
   rate = bench_train.matmul_gflops()

@@ -23,7 +23,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from dit_jax import dense_dot, models  # noqa: E402
 from tools import bench_train  # noqa: E402
@@ -54,17 +53,10 @@ def compile_variant(name, args, x, t, y, noise):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="DiT-S/2")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--input_size", type=int, default=32)
-  p.add_argument("--in_channels", type=int, default=4)
+  bench_train.add_shape_args(p)
   p.add_argument("--rounds", type=int, default=5)
   args = p.parse_args(argv)
-  rng = np.random.default_rng(0)
-  shape = (args.batch, args.input_size, args.input_size, args.in_channels)
-  x, noise = (jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(2))
-  y = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32)
-  t = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32)
+  x, noise, y, t = bench_train.random_inputs(args)
   rate = bench_train.matmul_gflops()
   programs = {name: compile_variant(name, args, x, t, y, noise) for name in VARIANTS}
   grads = {name: jax.block_until_ready(c(params)) for name, (c, params) in programs.items()}

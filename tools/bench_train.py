@@ -49,6 +49,26 @@ def _timed(fn) -> float:
   return time.perf_counter() - t0
 
 
+def add_shape_args(p, model="DiT-S/2"):
+  """The benchmarks' shared flags: --model (one; None for none), --batch and the latent shape."""
+  if model:
+    p.add_argument("--model", default=model)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--input_size", type=int, default=32, help="latent side (256 px images: 32)")
+  p.add_argument("--in_channels", type=int, default=4)
+
+
+def random_inputs(args):
+  """(x, noise, y, t) for one batch of args' shape, seeded: the same in every benchmark."""
+  shape = (args.batch, args.input_size, args.input_size, args.in_channels)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape, np.float32))
+  noise = jnp.asarray(rng.standard_normal(shape, np.float32))
+  y = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32)
+  t = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32)
+  return x, noise, y, t
+
+
 def build(name, args):
   depth = dict(depth=args.depth) if getattr(args, "depth", 0) else {}
   model = models.build(name, input_size=args.input_size, in_channels=args.in_channels,
@@ -212,9 +232,7 @@ def bench_torch(name, args) -> dict:
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--models", default="DiT-S/8,DiT-S/4,DiT-S/2")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--input_size", type=int, default=32, help="latent side (256 px images: 32)")
-  p.add_argument("--in_channels", type=int, default=4)
+  add_shape_args(p, model=None)
   p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes")
   p.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
   p.add_argument("--attention", default="", help="'' / xla / cudnn")

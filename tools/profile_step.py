@@ -94,10 +94,7 @@ def _print_gaps(events, ops, steps, top=8):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--model", default="DiT-S/2")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--input_size", type=int, default=32)
-  p.add_argument("--in_channels", type=int, default=4)
+  bench_train.add_shape_args(p)
   p.add_argument("--depth", type=int, default=0, help="blocks (0: the size's own depth)")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--top", type=int, default=25)
