@@ -5,13 +5,15 @@ kernel w, JAX's transpose rule forms the kernel's gradient as `dot_general(dy, x
 free axes first) and then transposes it into the kernel's layout. XLA:CPU (jax 0.10) does not fold
 that transpose: it copies dy (the larger operand: tokens x 3D for qkv, tokens x 4D for fc1) into
 transposed order and runs the product as a plain dot outside the YNNPACK fusions the other products
-use. On DiT-S/2's fc1 shape (2048 tokens, 384 -> 1536) the layer's backward takes 34 ms instead of
-24 (experiments/bench_train.md, "Dense layers' backward").
+use. On DiT-S/2's fc1 shape (2048 tokens, 384 -> 1536) the layer's backward takes 36 ms instead of
+26 on the 2-core CPU (tools/repro_xla_cpu_grads.py; experiments/bench_train.md, issue 16).
 
 `dot_general` here has the same forward and computes the same two gradients, written as the
 products a hand-written backward uses: dx = dy . w^T over the kernel's free axes and
-dw = x^T . dy over the input's free axes, which lands in the kernel's own layout with no transpose.
-Only the summation order of dw can differ (float32 rounding). Pass it to flax's Dense/DenseGeneral
+dw = x^T . dy over the input's free axes, which lands in the kernel's own layout with no transpose
+(XLA then copies x, the smaller operand, for the product). When x is the larger operand (fc2:
+tokens x 4D in, D out) JAX's own form is kept, so the copy is again of the smaller one. Only the
+summation order of dw can differ (float32 rounding, tests/test_fast_grads.py). Pass it to flax's Dense/DenseGeneral
 as `dot_general=`; products with batch dimensions fall back to `lax.dot_general`.
 """
 import functools
