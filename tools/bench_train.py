@@ -5,9 +5,9 @@
 
 JAX: the real `train_step.train_step` (AdamW, EMA, the hybrid MSE+VLB loss, non-finite guard), jitted
 with the trainer's shardings on a (data, fsdp, tensor) mesh. --torch: the same model in PyTorch
-(diffusers' DiTTransformer2DModel, fp32, `torch.set_num_threads(--threads)`) with an equivalent
-step (noise, q_sample, forward, MSE on eps + the variance channels' loss, backward, AdamW, EMA), and
-the jax/torch speed ratio. --matmul: this machine's fp32 numpy matmul rate on 4096^2 matrices, the
+(diffusers' DiTTransformer2DModel, fp32, `torch.set_num_threads(--threads)`) with the step of
+facebookresearch/DiT's train.py (ADM's hybrid loss with learned Sigma, `TorchHybridLoss`; AdamW;
+per-parameter EMA), and the jax/torch speed ratio. --matmul: this machine's fp32 numpy matmul rate on 4096^2 matrices, the
 yardstick for achieved GFLOP/s. FLOPs per step = 6 x paper Gflops (MACs) x batch.
 """
 import argparse
