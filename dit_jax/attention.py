@@ -17,8 +17,6 @@ serves with transposing copies around every per-head product. On DiT-S/2's shape
 for jax's (tools/repro_xla_cpu_grads.py, three runs; experiments/bench_train.md, issue 16). Results agree to
 float32 rounding (tests/test_fast_grads.py).
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,10 +29,9 @@ def dot_product_attention(q, k, v, mask=None, implementation=None):
   """Attention over (B, T, N, H) queries and (B, S, N, H) keys/values; mask broadcasts to (B, N, T, S)."""
   if implementation:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-  if mask is None:
-    return _attention(q, k, v)
-  return _masked_attention(q, k, v, jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1],
-                                                            k.shape[1])))
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+  return _attention(q, k, v, mask)
 
 
 def _large_negative(dtype):
@@ -86,27 +83,18 @@ def _backward(mask, residuals, g):
 
 
 @jax.custom_vjp
-def _attention(q, k, v):
-  return _forward(q, k, v, None)[0]
-
-
-_attention.defvjp(lambda q, k, v: _forward(q, k, v, None),
-                  functools.partial(_backward, None))
-
-
-@jax.custom_vjp
-def _masked_attention(q, k, v, mask):
+def _attention(q, k, v, mask):
   return _forward(q, k, v, mask)[0]
 
 
-def _masked_fwd(q, k, v, mask):
+def _attention_fwd(q, k, v, mask):
   o, residuals = _forward(q, k, v, mask)
   return o, (residuals, mask)
 
 
-def _masked_bwd(saved, g):
+def _attention_bwd(saved, g):
   residuals, mask = saved
-  return _backward(mask, residuals, g) + (None,)
+  return _backward(mask, residuals, g) + (None,)  # the mask (or None) has no cotangent
 
 
-_masked_attention.defvjp(_masked_fwd, _masked_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
