@@ -71,19 +71,19 @@ class Attention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if context_BxSxD is None:
       qkv = dense_dot.DenseGeneral((3, h, hd), name="qkv", **kw,
-                            kernel_init=xavier(("embed", None, "heads", "kv")),
-                            bias_init=bias((None, "heads", "kv")))(x_BxTxD)
+                                   kernel_init=xavier(("embed", None, "heads", "kv")),
+                                   bias_init=bias((None, "heads", "kv")))(x_BxTxD)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:  # cross-attention: separate q/k/v, each D x D
       proj = lambda name, y: dense_dot.DenseGeneral((h, hd), name=name, **kw,
-                                             kernel_init=xavier(("embed", "heads", "kv")),
-                                             bias_init=bias(("heads", "kv")))(y)
+                                                    kernel_init=xavier(("embed", "heads", "kv")),
+                                                    bias_init=bias(("heads", "kv")))(y)
       q, k, v = proj("q", x_BxTxD), proj("k", context_BxSxD), proj("v", context_BxSxD)
     mask = None if mask_BxS is None else mask_BxS[:, None, None, :]
     o = attention.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
     return dense_dot.DenseGeneral(d, axis=(-2, -1), name="proj", **kw,
-                           kernel_init=xavier(("heads", "kv", "embed")),
-                           bias_init=bias(("embed",)))(o)
+                                  kernel_init=xavier(("heads", "kv", "embed")),
+                                  bias_init=bias(("embed",)))(o)
 
 
 class Mlp(nn.Module):
@@ -97,10 +97,10 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = dense_dot.Dense(self.hidden, name="fc1", kernel_init=xavier(("embed", "mlp")),
-                 bias_init=bias(("mlp",)), **kw)(x)
+                        bias_init=bias(("mlp",)), **kw)(x)
     x = nn.gelu(x, approximate=True)
     return dense_dot.Dense(d, name="fc2", kernel_init=xavier(("mlp", "embed")),
-                    bias_init=bias(("embed",)), **kw)(x)
+                           bias_init=bias(("embed",)), **kw)(x)
 
 
 class DiTBlock(nn.Module):
@@ -123,8 +123,9 @@ class DiTBlock(nn.Module):
     if self.conditioning in ("adaln_zero", "adaln"):
       zero = self.conditioning == "adaln_zero"
       n = 6 if zero else 4
-      mod = dense_dot.Dense(n * d, name="adaLN_modulation", kernel_init=xavier(("embed", "mlp"), zero),
-                     bias_init=bias(("mlp",)), **kw)(nn.silu(c_BxD))
+      mod = dense_dot.Dense(n * d, name="adaLN_modulation",
+                            kernel_init=xavier(("embed", "mlp"), zero),
+                            bias_init=bias(("mlp",)), **kw)(nn.silu(c_BxD))
       mod = jnp.split(mod, n, axis=-1)
       if zero:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
@@ -157,12 +158,14 @@ class FinalLayer(nn.Module):
     x_BxTxD = layer_norm(self.dtype)(x_BxTxD)
     if self.conditioning in ("adaln_zero", "adaln"):
       zero = self.conditioning == "adaln_zero"
-      mod = dense_dot.Dense(2 * d, name="adaLN_modulation", kernel_init=xavier(("embed", "mlp"), zero),
-                     bias_init=bias(("mlp",)), **kw)(nn.silu(c_BxD))
+      mod = dense_dot.Dense(2 * d, name="adaLN_modulation",
+                            kernel_init=xavier(("embed", "mlp"), zero),
+                            bias_init=bias(("mlp",)), **kw)(nn.silu(c_BxD))
       shift, scale = jnp.split(mod, 2, axis=-1)
       x_BxTxD = modulate(x_BxTxD, shift, scale)
     return dense_dot.Dense(self.patch_size ** 2 * self.out_channels, name="linear", **kw,
-                    kernel_init=xavier(("embed", None), zero=True), bias_init=bias((None,)))(x_BxTxD)
+                           kernel_init=xavier(("embed", None), zero=True),
+                           bias_init=bias((None,)))(x_BxTxD)
 
 
 class DiT(nn.Module):
@@ -218,7 +221,7 @@ class DiT(nn.Module):
 
     tokens = patchify_lib.patchify(x_BxHxWxC.astype(self.dtype), p)
     x_BxTxD = dense_dot.Dense(d, name="x_embedder", kernel_init=xavier(("patch", "embed")),
-                       bias_init=bias(("embed",)), **kw)(tokens)
+                              bias_init=bias(("embed",)), **kw)(tokens)
     x_BxTxD = x_BxTxD + embeddings.sincos_2d(d, g, g).astype(self.dtype)[None]  # frozen
 
     t_BxD = embeddings.TimestepEmbedder(d, name="t_embedder", **kw)(t_B)
@@ -236,7 +239,7 @@ class DiT(nn.Module):
       context, context_mask = check_context(self.context_dim, context, context_mask,
                                             x_BxHxWxC.shape[0])
       ctx_BxLxD = dense_dot.Dense(d, name="context_proj", kernel_init=xavier((None, "embed")),
-                           bias_init=bias(("embed",)), **kw)(context.astype(self.dtype))
+                                  bias_init=bias(("embed",)), **kw)(context.astype(self.dtype))
       mask_BxS = jnp.concatenate([jnp.ones(cond_BxSxD.shape[:2], bool), context_mask], axis=1)
       cond_BxSxD = jnp.concatenate([cond_BxSxD, ctx_BxLxD], axis=1)
     elif context is not None:

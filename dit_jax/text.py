@@ -176,9 +176,9 @@ class EncoderLayer(nn.Module):
     x_BxLxD = x_BxLxD + h
     h = nn.LayerNorm(name="norm2", **kw)(x_BxLxD)
     h = dense_dot.Dense(int(d * self.mlp_ratio), name="fc1", kernel_init=xavier(("embed", "mlp")),
-                 bias_init=zeros(("mlp",)), **kw)(h)
-    h = dense_dot.Dense(d, name="fc2", kernel_init=xavier(("mlp", "embed")), bias_init=zeros(("embed",)),
-                 **kw)(nn.gelu(h, approximate=True))
+                        bias_init=zeros(("mlp",)), **kw)(h)
+    h = dense_dot.Dense(d, name="fc2", kernel_init=xavier(("mlp", "embed")),
+                        bias_init=zeros(("embed",)), **kw)(nn.gelu(h, approximate=True))
     return x_BxLxD + h
 
 

@@ -99,7 +99,7 @@ class ResBlock(nn.Module):
       h, x_BxHxWxC = resample(h), resample(x_BxHxWxC)
     h = conv(c, 3, "in_conv", kw)(h)
     emb = dense_dot.Dense(2 * c, name="emb_proj", kernel_init=torch_default(("embed", "mlp")),
-                   bias_init=zeros(("mlp",)), **kw)(nn.silu(emb_BxE))
+                          bias_init=zeros(("mlp",)), **kw)(nn.silu(emb_BxE))
     scale, shift = jnp.split(emb[:, None, None, :], 2, axis=-1)  # ADM chunks scale first
     h = group_norm(self.num_groups, "out_norm", self.dtype)(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout)(nn.silu(h).astype(self.dtype), deterministic=not train)
@@ -123,8 +123,8 @@ class AttentionBlock(nn.Module):
     nh, hd = c // self.num_head_channels, self.num_head_channels
     x_BxTxC = x_BxHxWxC.reshape(b, hh * ww, c)
     out_proj = lambda name: dense_dot.DenseGeneral(c, axis=(-2, -1), name=name, **kw,
-                                            kernel_init=zeros(("heads", "kv", "embed")),
-                                            bias_init=zeros(("embed",)))
+                                                   kernel_init=zeros(("heads", "kv", "embed")),
+                                                   bias_init=zeros(("embed",)))
     h = group_norm(self.num_groups, "norm", self.dtype)(x_BxTxC).astype(self.dtype)
     qkv = dense_dot.DenseGeneral((3, nh, hd), name="qkv", kernel_init=torch_default(
         ("embed", None, "heads", "kv")), bias_init=zeros((None, "heads", "kv")), **kw)(h)
@@ -264,7 +264,7 @@ class UNet(nn.Module):
     e = self.time_embed_dim
 
     dense = lambda name, names: dense_dot.Dense(e, name=name, kernel_init=torch_default(names),
-                                         bias_init=zeros((names[1],)), **kw)
+                                                bias_init=zeros((names[1],)), **kw)
     temb = embeddings.timestep_embedding(t_B, self.model_channels).astype(self.dtype)
     emb_BxE = dense("time_embed_1", ("mlp", "embed"))(
         nn.silu(dense("time_embed_0", (None, "embed"))(temb)))
