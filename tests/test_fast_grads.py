@@ -3,6 +3,7 @@ benchmark's torch DiT loss against dit_jax's."""
 import math
 
 import torch  # before jax/TF (see conftest)
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +94,6 @@ def test_dit_gradients_match_jax_attention_and_flax_dense(monkeypatch):
   params = tree.unflatten([a + 0.1 * _rand(i, a.shape) for i, a in enumerate(leaves)])
   loss = lambda m: lambda p: jnp.mean(m.apply({"params": p}, x, t, y) ** 2)
   got = jax.grad(loss(ours))(params)
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(dense_dot, "Dense", nn.Dense)
   monkeypatch.setattr(dense_dot, "DenseGeneral", nn.DenseGeneral)
   want = jax.grad(loss(dit.DiT(**kw, attention_impl="xla")))(params)

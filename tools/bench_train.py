@@ -7,8 +7,8 @@ JAX: the real `train_step.train_step` (AdamW, EMA, the hybrid MSE+VLB loss, non-
 with the trainer's shardings on a (data, fsdp, tensor) mesh. --torch: the same model in PyTorch
 (diffusers' DiTTransformer2DModel, fp32, `torch.set_num_threads(--threads)`) with the step of
 facebookresearch/DiT's train.py (ADM's hybrid loss with learned Sigma, `TorchHybridLoss`; AdamW;
-per-parameter EMA), and the jax/torch speed ratio. --matmul: this machine's fp32 numpy matmul rate on 4096^2 matrices, the
-yardstick for achieved GFLOP/s. FLOPs per step = 6 x paper Gflops (MACs) x batch.
+per-parameter EMA), and the jax/torch speed ratio. --matmul: this machine's fp32 numpy matmul rate
+on 4096^2 matrices, the yardstick for achieved GFLOP/s. FLOPs per step = 6 x paper Gflops (MACs) x batch.
 """
 import argparse
 import math
@@ -146,14 +146,18 @@ class TorchHybridLoss:
     self.post_logvar, self.log_betas = tab("posterior_log_variance_clipped"), tab("log_betas")
     self.num_timesteps = diffusion.num_timesteps
 
+  @staticmethod
+  def _at(table, t):
+    """table[t] shaped to broadcast over (B, C, H, W)."""
+    return table[t].view(-1, 1, 1, 1)
+
   def q_sample(self, x0, t, noise):
-    g = lambda a: a[t].view(-1, 1, 1, 1)
-    return g(self.sqrt_abar) * x0 + g(self.sqrt_1m_abar) * noise
+    return self._at(self.sqrt_abar, t) * x0 + self._at(self.sqrt_1m_abar, t) * noise
 
   def __call__(self, out, x0, x_t, t, noise):
     """Per-example loss, mse and vb for a model output (B, 2C, H, W) at x_t (B, C, H, W)."""
     torch = self.torch
-    g = lambda a: a[t].view(-1, 1, 1, 1)
+    g = lambda table: self._at(table, t)
     c = x0.shape[1]
     eps, var = out[:, :c], out[:, c:]
     mean_flat = lambda a: a.mean(dim=(1, 2, 3))

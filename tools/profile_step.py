@@ -69,6 +69,17 @@ def hlo_ops(dump_dir: str) -> dict:
   return ops
 
 
+def _short(op_name: str) -> str:
+  """An op's source name with the jit prefix dropped, blocks folded, forward F / backward T."""
+  op_name = re.sub(r"blocks_\d+", "blocks_*", re.sub(r"^jit\([^)]*\)/", "", op_name))
+  return op_name.replace("transpose(jvp(", "T(").replace("jvp(", "F(")
+
+
+def _kernel_kind(name: str) -> str:
+  """A kernel instruction's kind: its name without the numeric suffix (ynn_fusion.12 -> ynn_fusion)."""
+  return re.sub(r"\.\d+$", "", name)
+
+
 def _print_gaps(events, ops, steps, top=8):
   """Time with no traced kernel running, and the op after each longest gap.
 
@@ -80,7 +91,7 @@ def _print_gaps(events, ops, steps, top=8):
   covered, end, gaps = 0.0, spans[0][0], collections.Counter()
   for start, stop, name in spans:
     if start > end:
-      gaps[ops[name][0] or re.sub(r"\.\d+$", "", name)] += start - end
+      gaps[_short(ops[name][0]) or _kernel_kind(name)] += start - end
     covered += max(0.0, stop - max(start, end))
     end = max(end, stop)
   span = spans[-1][1] - spans[0][0]
@@ -88,7 +99,6 @@ def _print_gaps(events, ops, steps, top=8):
         f"no traced kernel {(span - covered) / 1e3 / steps:.0f} (incl. between steps); longest, "
         f"by the op that follows:")
   for op_name, us in gaps.most_common(top):
-    op_name = re.sub(r"blocks_\d+", "blocks_*", re.sub(r"^jit\([^)]*\)/", "", op_name))
     print(f"  {us / 1e3 / steps:7.1f} ms  before {op_name[:100]}")
 
 
@@ -123,9 +133,7 @@ def main():
   for e in events:
     if e.get("ph") == "X" and e["name"] in ops:
       op_name, f = ops[e["name"]]
-      op_name = re.sub(r"blocks_\d+", "blocks_*", re.sub(r"^jit\([^)]*\)/", "", op_name))
-      op_name = op_name.replace("transpose(jvp(", "T(").replace("jvp(", "F(")
-      key = (re.sub(r"\.\d+$", "", e["name"]), op_name)
+      key = (_kernel_kind(e["name"]), _short(op_name))
       time_us[key] += e["dur"] / args.steps
       flop[key] += f / args.steps
   total = sum(time_us.values())
