@@ -13,11 +13,11 @@ from dit_jax import files, results, sweep, train
 from tests.helpers import main_cmd, subprocess_env, tiny_config
 
 TIMING = ("wall_s", "images_per_s", "eval_time_s", "sample_time_s")
-# FID of 192 samples with 50 sampling steps at steps 2 and 4: each evaluation lasts seconds, long
-# enough to kill the process inside it.
+# FID of 192 samples with 100 sampling steps at steps 2 and 4: each evaluation lasts a second or
+# more (1.9 s at step 4 with a 176 GFLOP/s matmul), long enough to kill the process inside it.
 EVAL_FLAGS = ["--config.num_train_steps=4", "--config.checkpoint_every_steps=2",
               "--config.eval.fid.every_steps=2", "--config.eval.fid.num_samples=192",
-              "--config.eval.fid.batch_size=64", "--config.eval.fid.respacing=50",
+              "--config.eval.fid.batch_size=64", "--config.eval.fid.respacing=100",
               "--config.eval.fid.reference_size=256", "--config.record_batch_hashes=False"]
 
 
@@ -27,7 +27,12 @@ def _metric_rows(workdir):
           if any(k.startswith("fid_") for k in r)]
 
 
-def _run(workdir, cache, extra=(), kill_in_eval_at=None):
+def _eval_times(workdir):
+  return [r["eval_time_s"] for r in files.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+          if "eval_time_s" in r]
+
+
+def _run(workdir, cache, extra=(), kill_in_eval_at=None, eval_s=None):
   cmd = main_cmd(workdir, *EVAL_FLAGS, f"--config.eval.fid.cache_dir={cache}", *extra)
   proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
@@ -45,7 +50,9 @@ def _run(workdir, cache, extra=(), kill_in_eval_at=None):
     if ckpt.is_dir() and logged:
       break
     time.sleep(0.02)
-  time.sleep(0.5)
+  # A third of the way into the evaluation, however fast the machine is today: a fixed wait
+  # outlasted the whole evaluation once it ran in under the wait.
+  time.sleep(eval_s / 3)
   assert not [r for r in _metric_rows(workdir) if r["step"] == kill_in_eval_at], \
       "the evaluation finished before the kill; make it longer"
   proc.send_signal(signal.SIGKILL)
@@ -57,7 +64,8 @@ def _run(workdir, cache, extra=(), kill_in_eval_at=None):
 def test_sigkill_during_an_evaluation_then_rerun_gives_the_uninterrupted_rows(kill_at, tmp_path):
   cache = tmp_path / "cache"
   _run(tmp_path / "ref", cache)
-  _run(tmp_path / "killed", cache, kill_in_eval_at=kill_at)
+  _run(tmp_path / "killed", cache, kill_in_eval_at=kill_at,
+       eval_s=min(_eval_times(tmp_path / "ref")))
   _run(tmp_path / "killed", cache)  # the re-run redoes the lost evaluation
   want = _metric_rows(tmp_path / "ref")
   assert [r["step"] for r in want] == [2, 4]
