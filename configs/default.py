@@ -6,7 +6,7 @@ by tools/sample_prompt.py. Any field can be overridden on the command line: `--c
 """
 import ml_collections
 
-from dit_jax import sources
+from dit_jax.data import sources
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -28,7 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.learn_sigma = True  # Learned variance (LEARNED_RANGE) with the hybrid MSE + VLB loss.
   config.dtype = "bfloat16"  # Compute dtype (activations, matmuls); params stay param_dtype.
   config.param_dtype = "float32"  # Params and optimizer state (fp32 master weights).
-  config.attention_impl = ""  # '': dit_jax.attention; 'xla'/'cudnn': jax.nn.dot_product_attention
+  config.attention_impl = ""  # '': dit_jax.models.attention; 'xla'/'cudnn': jax.nn.dot_product_attention
   config.scan_layers = True  # nn.scan over blocks: one compiled block, much faster compiles.
   config.remat = False  # Recompute block activations in the backward pass (saves memory).
 

@@ -20,14 +20,14 @@ import pathlib
 
 from flax import traverse_util
 
-from dit_jax import captions
-from dit_jax import distributed
-from dit_jax import evaluators
+from dit_jax.data import captions
+from dit_jax.training import distributed
+from dit_jax.evaluation import evaluators
 from dit_jax import models
 from dit_jax import objectives
 from dit_jax import sharding as sharding_lib
-from dit_jax import splits
-from dit_jax import train_step
+from dit_jax.data import splits
+from dit_jax.training import train_step
 
 # Fields that were renamed: an old name in a config file or on the command line is an error that
 # names the new one, never silently ignored.

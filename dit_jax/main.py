@@ -12,11 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_jax import compile_cache
+from dit_jax.training import compile_cache
 from dit_jax import config_check
-from dit_jax import distributed
-from dit_jax import sweep
-from dit_jax import train
+from dit_jax.training import distributed
+from dit_jax.sweep import runner as sweep
+from dit_jax.training import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results "

@@ -12,12 +12,12 @@ import numpy as np
 import optax
 
 from configs import default as default_config
-from dit_jax import checkpoint as checkpoint_lib
-from dit_jax import datasets
-from dit_jax import dit as dit_lib
+from dit_jax.training import checkpoint as checkpoint_lib
+from dit_jax.data import datasets
+from dit_jax.models import dit as dit_lib
 from dit_jax import models
 from dit_jax import sharding
-from dit_jax import train_step
+from dit_jax.training import train_step
 from dit_jax import files
 
 REPO = pathlib.Path(__file__).resolve().parent.parent

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_jax import evaluators, fid, files, sources, splits
+from dit_jax.evaluation import evaluators, fid
+from dit_jax import files
+from dit_jax.data import sources, splits
 from dit_jax import sharding as sharding_lib
 from tests.helpers import tiny_config
 

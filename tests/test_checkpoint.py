@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import checkpoint as checkpoint_lib
+from dit_jax.training import checkpoint as checkpoint_lib
 from dit_jax import sharding
-from dit_jax import train_step
+from dit_jax.training import train_step
 
 from tests.helpers import (main_cmd, restore_final, subprocess_env, tiny_model, tiny_optim,
                            tree_hash)
@@ -66,7 +66,7 @@ def test_keep_n(tmp_path):
 INTERRUPTED_SAVE = textwrap.dedent("""
     import sys, time
     import numpy as np
-    from dit_jax import checkpoint
+    from dit_jax.training import checkpoint
     ckpt = checkpoint.Checkpointer(sys.argv[1])
     ckpt.save(1, {"w": np.ones((4,), np.float32)}, {"next_step": 1})
     ckpt.wait()

@@ -11,10 +11,10 @@ import pytest
 
 from configs import dit_sweep
 from dit_jax import config_check
-from dit_jax import fid
-from dit_jax import sweep
-from dit_jax import train
-from dit_jax import train_step
+from dit_jax.evaluation import fid
+from dit_jax.sweep import runner as sweep
+from dit_jax.training import train
+from dit_jax.training import train_step
 from tests.helpers import REPO, tiny_config
 
 FID_ON = {"eval.fid.every_steps": 3, "eval.fid.num_samples": 32}

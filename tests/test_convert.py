@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import convert
+from dit_jax.models import convert
 from test_dit import _official_to_diffusers, _random_official_state_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

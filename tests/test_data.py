@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_jax import datasets
-from dit_jax import latent_format
-from dit_jax import pipeline
-from dit_jax import sources
-from dit_jax import vae as vae_lib
+from dit_jax.data import datasets
+from dit_jax.data import latent_format
+from dit_jax.data import pipeline
+from dit_jax.data import sources
+from dit_jax.models import vae as vae_lib
 from tests.helpers import load_tool
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

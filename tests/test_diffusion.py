@@ -1,4 +1,4 @@
-"""Tests for dit_jax.diffusion against diffusers, torch, scipy and closed-form Gaussian results."""
+"""Tests for dit_jax.objectives.diffusion against diffusers, torch, scipy and closed-form Gaussian results."""
 import math
 
 import jax
@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from dit_jax import diffusion as dd
+from dit_jax.objectives import diffusion as dd
 
 T = 1000
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from dit_jax import attention, dense_dot, diffusion, dit
+from dit_jax.models import attention, dense_dot, dit
+from dit_jax.objectives import diffusion
 from tools import bench_train
 
 

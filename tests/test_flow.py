@@ -1,4 +1,4 @@
-"""Tests for dit_jax.flow and flow_sampling: SiT, diffusers and Gaussian closed forms.
+"""Tests for dit_jax.objectives.flow and flow_sampling: SiT, diffusers and Gaussian closed forms.
 
 The SiT references below are float64 numpy transcriptions of willisma/SiT `transport/path.py`
 (ICPlan, GVPCPlan), `transport/transport.py` (Transport, Sampler) and `transport/integrators.py`.
@@ -13,10 +13,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dit_jax import dit as dit_lib
-from dit_jax import flow as flow_lib
-from dit_jax import flow_sampling as fs
-from dit_jax import diffusion as diffusion_lib
+from dit_jax.models import dit as dit_lib
+from dit_jax.objectives import flow as flow_lib
+from dit_jax.objectives import flow_sampling as fs
+from dit_jax.objectives import diffusion as diffusion_lib
 
 # --- SiT, transcribed -------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from pytorch_fid import inception as pfi
 
-from dit_jax import inception
+from dit_jax.evaluation import inception
 
 RTOL = 1e-4  # float32, relative to the largest magnitude of the torch output
 

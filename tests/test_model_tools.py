@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from dit_jax import convert
+from dit_jax.models import convert
 from test_dit import _random_official_state_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

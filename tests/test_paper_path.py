@@ -27,11 +27,11 @@ import numpy as np
 from flax import traverse_util
 
 from configs import dit_sweep
-from dit_jax import evaluators
-from dit_jax import fid
+from dit_jax.evaluation import evaluators
+from dit_jax.evaluation import fid
 from dit_jax import files
-from dit_jax import inception
-from dit_jax import sources
+from dit_jax.evaluation import inception
+from dit_jax.data import sources
 from tests.helpers import REPO, subprocess_env
 from tests.helpers import load_tool
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from dit_jax import report
+from dit_jax.analysis import report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The single-seed default sweep as committed on 2026-11-27 (rows without family/size/objective/seed).

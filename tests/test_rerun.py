@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from configs import dit_sweep
-from dit_jax import files, results, sweep, train
+from dit_jax import files
+from dit_jax.sweep import runner as sweep
+from dit_jax.training import fingerprint
+from dit_jax.training import train
 from tests.helpers import main_cmd, subprocess_env, tiny_config
 
 TIMING = ("wall_s", "images_per_s", "eval_time_s", "sample_time_s")
@@ -74,15 +77,15 @@ def test_sigkill_during_an_evaluation_then_rerun_gives_the_uninterrupted_rows(ki
 
 def test_a_changed_config_never_resumes(tmp_path):
   config = tiny_config(num_train_steps=0)
-  results.check_same_config(tmp_path / "config.json", config)  # first run writes it
-  results.check_same_config(tmp_path / "config.json", config)  # identical: fine
+  fingerprint.check_same_config(tmp_path / "config.json", config)  # first run writes it
+  fingerprint.check_same_config(tmp_path / "config.json", config)  # identical: fine
   changed = tiny_config(num_train_steps=0, ema_decay=0.5, **{"optim.lr": 3e-4})
   with pytest.raises(ValueError, match=r"2 field\(s\) differ: ema_decay, optim.lr"):
-    results.check_same_config(tmp_path / "config.json", changed)
+    fingerprint.check_same_config(tmp_path / "config.json", changed)
   # Logging and checkpoint cadence change no number: they resume.
-  results.check_same_config(tmp_path / "config.json", tiny_config(num_train_steps=0,
+  fingerprint.check_same_config(tmp_path / "config.json", tiny_config(num_train_steps=0,
                                                                    log_every_steps=7))
-  assert results.fingerprint(config) != results.fingerprint(changed)
+  assert fingerprint.fingerprint(config) != fingerprint.fingerprint(changed)
 
 
 def test_a_second_process_on_a_workdir_is_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for dit_jax.sampling: steps vs diffusers, Gaussian data vs closed forms, sharding, CFG."""
+"""Tests for dit_jax.objectives.sampling: steps vs diffusers, Gaussian data vs closed forms, sharding, CFG."""
 import functools
 
 import jax
@@ -9,8 +9,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dit_jax import diffusion as dd
-from dit_jax import sampling
+from dit_jax.objectives import diffusion as dd
+from dit_jax.objectives import sampling
 
 T = 1000
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -534,7 +534,7 @@ def test_progressive_trajectory(sampler, clip):
 
 def _tiny_dit(num_classes=10, seed=0):
   """A tiny pixel DiT with every parameter perturbed (adaLN-Zero would otherwise output 0)."""
-  from dit_jax import dit
+  from dit_jax.models import dit
   model = dit.DiT(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=1, num_heads=2,
                   num_classes=num_classes)
   import flax.linen as nn

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dit_jax import scaling_fit as sf
+from dit_jax.analysis import scaling_fit as sf
 
 
 def _power_data(seed, a=50.0, b=0.2, sigma=0.1, C=np.geomspace(1, 1e4, 12)):

@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
-from dit_jax import files, sweep, train
+from dit_jax import files
+from dit_jax.sweep import runner as sweep
+from dit_jax.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax import diffusion, dit, text, unet
+from dit_jax.objectives import diffusion
+from dit_jax.models import dit, text, unet
 from tests.helpers import (KEY, REPO, load_tool, mnist_batch, overfit, read_jsonl, subprocess_env,
                            tiny_text_config)
 
@@ -220,12 +221,13 @@ def test_tiny_text_conditioned_dit_overfits_a_batch_of_mnist(shared_data):
 # --- text through the main trainer --------------------------------------------------------------
 
 def _digits_source(config):
-  from dit_jax import captions, sources
+  from dit_jax.data import captions, sources
   return captions.training_source(config, sources.create_source(config.data))
 
 
 def test_caption_source_and_pipeline_carry_token_ids():
-  from dit_jax import captions, pipeline, sharding, sources
+  from dit_jax.data import captions, pipeline, sources
+  from dit_jax import sharding
   config = tiny_text_config()
   plain = sources.create_source(config.data)
   src = captions.training_source(config, plain)
@@ -246,7 +248,8 @@ def test_caption_source_and_pipeline_carry_token_ids():
 
 
 def test_registry_wraps_the_backbone_and_counts_the_encoder():
-  from dit_jax import models, sweep
+  from dit_jax import models
+  from dit_jax.sweep import runner as sweep
   config = tiny_text_config(model="DiT-S/4", depth=4, hidden_size=0, num_heads=0,
                             **{"data.image_size": 16, "text.width": 128, "text.num_heads": 4})
   src = _digits_source(config)
@@ -282,7 +285,8 @@ def _stub_feature_network(data_cfg, network, cache_dir=None, labelled_images=Non
 def text_run(tmp_path_factory):
   """4 steps of a tiny text DiT through the main loop: checkpoints at 2 and 4, a grid and an FID
   (stub feature net) at 4."""
-  from dit_jax import fid, train
+  from dit_jax.evaluation import fid
+  from dit_jax.training import train
   workdir = tmp_path_factory.mktemp("text_run")
   config = tiny_text_config(num_train_steps=4, **{
       "eval.grid.every_steps": 4, "eval.grid.respacing": "3", "eval.grid.num_samples": 10,
@@ -296,7 +300,8 @@ def text_run(tmp_path_factory):
 
 def test_text_dit_trains_through_the_main_loop(text_run):
   from PIL import Image
-  from dit_jax import checkpoint as checkpoint_lib, models
+  from dit_jax.training import checkpoint as checkpoint_lib
+  from dit_jax import models
   config, workdir, state = text_run
   assert int(state.step) == 4 and int(state.nonfinite_total) == 0
   assert set(state.params) == {"encoder", "model"}
@@ -314,7 +319,7 @@ def test_text_dit_trains_through_the_main_loop(text_run):
 
 def test_text_run_resumes_to_the_same_params(text_run, tmp_path):
   import shutil
-  from dit_jax import train
+  from dit_jax.training import train
   config, workdir, state = text_run
   shutil.copytree(workdir, tmp_path / "run")
   shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # resume from step 2
@@ -346,7 +351,7 @@ def test_sample_prompt_cli_samples_a_trained_workdir(text_run, tmp_path):
 
 
 def test_text_unet_trains_through_the_main_loop(tmp_path):
-  from dit_jax import train
+  from dit_jax.training import train
   """One step and a grid (the DiT run above covers checkpoints: U-Net compiles cost more)."""
   config = tiny_text_config(model="UNet-Pico", conditioning="adaln_zero", depth=0, hidden_size=0,
                             num_heads=0, num_train_steps=1, checkpoint_every_steps=0,
@@ -372,7 +377,8 @@ BAD_TEXT = [
 
 @pytest.mark.parametrize("overrides, match", BAD_TEXT, ids=[m for _, m in BAD_TEXT])
 def test_bad_text_configs_fail_before_compiling(overrides, match, tmp_path, monkeypatch):
-  from dit_jax import fid, train, train_step
+  from dit_jax.evaluation import fid
+  from dit_jax.training import train, train_step
   def tripwire(*a, **k):
     raise AssertionError("built despite a bad text config")
   monkeypatch.setattr(train_step, "jit_train_step", tripwire)

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax import checkpoint as checkpoint_lib
-from dit_jax import pipeline as pipeline_lib
-from dit_jax import diffusion as diffusion_lib
+from dit_jax.training import checkpoint as checkpoint_lib
+from dit_jax.data import pipeline as pipeline_lib
+from dit_jax.objectives import diffusion as diffusion_lib
 from dit_jax import sharding
 from dit_jax import models
-from dit_jax import train
-from dit_jax import train_step
+from dit_jax.training import train
+from dit_jax.training import train_step
 
 from tests.helpers import REPO, read_jsonl, tiny_batch, tiny_config, tiny_model, tiny_optim
 
@@ -88,7 +88,10 @@ def test_the_pure_half_runs_without_tensorflow_clu_or_orbax():
             raise ImportError("blocked: " + name)
       sys.meta_path.insert(0, Block())
       import jax, numpy as np
-      from dit_jax import diffusion, dit, sampling, sharding, train_step
+      from dit_jax.objectives import diffusion, sampling
+      from dit_jax.models import dit
+      from dit_jax import sharding
+      from dit_jax.training import train_step
       mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
       model = dit.DiT(input_size=8, in_channels=2, patch_size=2, hidden_size=64, depth=2,
                       num_heads=2, num_classes=10)
@@ -168,7 +171,7 @@ def test_nonfinite_streak_stops_and_keeps_last_good_checkpoint(tmp_path, monkeyp
 
 def test_the_trainer_trains_a_unet_through_the_same_loop(tmp_path):
   """One model interface: a 'UNet-*' name goes through the same state, step, loop and sampler."""
-  from dit_jax import unet
+  from dit_jax.models import unet
   config = tiny_config(model="UNet-Nano", num_train_steps=2, checkpoint_every_steps=2, depth=0,
                        hidden_size=0, num_heads=0, **{"eval.grid.every_steps": 2,
                                                       "eval.grid.respacing": "3",

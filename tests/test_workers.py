@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from dit_jax import files, workers
+from dit_jax import files
+from dit_jax.sweep import workers
 from tests.helpers import tiny_config
 
 
@@ -19,7 +20,7 @@ def _worker_pids():
       cmd = (d / "cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
       continue
-    if b"dit_jax.workers" in cmd and d.name.isdigit() and int(d.name) != os.getpid():
+    if b"dit_jax.sweep.workers" in cmd and d.name.isdigit() and int(d.name) != os.getpid():
       pids.append(int(d.name))
   return pids
 

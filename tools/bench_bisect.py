@@ -23,10 +23,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from dit_jax import diffusion as diffusion_lib  # noqa: E402
+from dit_jax.objectives import diffusion as diffusion_lib  # noqa: E402
 from dit_jax import models  # noqa: E402
 from dit_jax import sharding as sharding_lib  # noqa: E402
-from dit_jax import train_step  # noqa: E402
+from dit_jax.training import train_step  # noqa: E402
 from tools import bench_train  # noqa: E402
 
 

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import datasets
-from dit_jax import latent_format
-from dit_jax import pipeline
-from dit_jax import sources
-from dit_jax import vae as vae_lib
+from dit_jax.data import datasets
+from dit_jax.data import latent_format
+from dit_jax.data import pipeline
+from dit_jax.data import sources
+from dit_jax.models import vae as vae_lib
 
 _SHARED = flags.DEFINE_string("shared_data", "/work/shared/data", "MNIST / CIFAR-10 test data.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size of the pipeline rows.")

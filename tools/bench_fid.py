@@ -17,7 +17,7 @@ import torch
 import torchvision
 from pytorch_fid import inception as pfi
 
-from dit_jax import inception
+from dit_jax.evaluation import inception
 
 
 def _torch_model():

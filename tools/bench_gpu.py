@@ -41,10 +41,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from dit_jax import diffusion as diffusion_lib  # noqa: E402
+from dit_jax.objectives import diffusion as diffusion_lib  # noqa: E402
 from dit_jax import sharding as sharding_lib  # noqa: E402
 from dit_jax import models  # noqa: E402
-from dit_jax import train_step  # noqa: E402
+from dit_jax.training import train_step  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 

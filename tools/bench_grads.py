@@ -4,8 +4,8 @@
 
 Four programs of the same model, each jax.grad of an eps-MSE loss, jitted on one device:
   jax     flax's Dense/DenseGeneral and jax.nn.dot_product_attention(implementation="xla")
-  dense   + dit_jax.dense_dot (the kernel gradient in the kernel's layout)
-  attn    + dit_jax.attention's backward instead of autodiff of jax's attention
+  dense   + dit_jax.models.dense_dot (the kernel gradient in the kernel's layout)
+  attn    + dit_jax.models.attention's backward instead of autodiff of jax's attention
   both    what the models use
 The calls are interleaved round by round (this VM drifts by tens of percent within minutes), and
 each row gives the minimum and median over the rounds and its ratio to `jax` by minimum. The
@@ -24,7 +24,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dit_jax import dense_dot, models  # noqa: E402
+from dit_jax.models import dense_dot  # noqa: E402
+from dit_jax import models  # noqa: E402
 from tools import bench_train  # noqa: E402
 
 VARIANTS = {"jax": (False, "xla"), "dense": (True, "xla"), "attn": (False, None),

@@ -27,11 +27,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from dit_jax import diffusion as diffusion_lib  # noqa: E402
-from dit_jax import flops as flops_lib  # noqa: E402
+from dit_jax.objectives import diffusion as diffusion_lib  # noqa: E402
+from dit_jax.models import flops as flops_lib  # noqa: E402
 from dit_jax import sharding as sharding_lib  # noqa: E402
 from dit_jax import models  # noqa: E402
-from dit_jax import train_step  # noqa: E402
+from dit_jax.training import train_step  # noqa: E402
 
 
 def matmul_gflops(n=4096, repeats=5) -> float:

@@ -6,13 +6,14 @@ Any size converts: depth, width, patch, input size, channels, classes and learn_
 the tensors. The head count is in no tensor: --num-heads, else --model's, else the size table's
 for that width (e.g. 16 for XL's 1152), else width / 64. --model and --image-size, when given, are
 checked against the tensors. Reading the .pt needs PyTorch (pip install torch); the result is an
-orbax checkpoint plus model.json that `dit_jax.convert.load(out)` reads back without it. Nothing is
+orbax checkpoint plus model.json that `dit_jax.models.convert.load(out)` reads back without it. Nothing is
 written unless the whole state dict converts.
 """
 import argparse
 import sys
 
-from dit_jax import convert, models
+from dit_jax.models import convert
+from dit_jax import models
 
 
 def _check_named(model, name):

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from dit_jax import latent_format
-from dit_jax import sources
-from dit_jax import vae as vae_lib
+from dit_jax.data import latent_format
+from dit_jax.data import sources
+from dit_jax.models import vae as vae_lib
 
 _DATA = config_flags.DEFINE_config_dict("data", sources.default_data_config(), "Images to encode.")
 _VAE = flags.DEFINE_string("vae", "checkpoints/sd-vae-ft-ema",

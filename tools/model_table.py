@@ -8,7 +8,8 @@ import argparse
 import json
 import sys
 
-from dit_jax import dit, models
+from dit_jax.models import dit
+from dit_jax import models
 
 
 def row(name: str, input_size: int, channels: int, num_classes: int, conditioning: str) -> dict:

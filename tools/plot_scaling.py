@@ -3,7 +3,7 @@
   python tools/plot_scaling.py workdir/results.jsonl [more.jsonl ...] --out experiments/cpu_sweep
 
 The figures (the DiT paper's Fig. 8 left and right, Fig. 9, iso-FLOP curves, the prediction check)
-and their statistics are dit_jax.report's; see its docstring for what is grouped, what is refused
+and their statistics are dit_jax.analysis.report's; see its docstring for what is grouped, what is refused
 and what each interval is. Bad input ends with a one-line error, no traceback.
 """
 import argparse
@@ -13,7 +13,7 @@ import sys
 
 # this checkout's dit_jax, not whichever one an editable install points at
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from dit_jax import report  # noqa: E402
+from dit_jax.analysis import report  # noqa: E402
 
 
 def main(argv=None) -> dict:

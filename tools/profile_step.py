@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools import bench_train  # noqa: E402
-from dit_jax import train_step  # noqa: E402
+from dit_jax.training import train_step  # noqa: E402
 
 
 def hlo_ops(dump_dir: str) -> dict:

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from dit_jax import diffusion as diffusion_lib  # noqa: E402
-from dit_jax import evaluators  # noqa: E402
-from dit_jax import images  # noqa: E402
-from dit_jax import sampling  # noqa: E402
-from dit_jax import text  # noqa: E402
-from dit_jax import train  # noqa: E402
+from dit_jax.objectives import diffusion as diffusion_lib  # noqa: E402
+from dit_jax.evaluation import evaluators  # noqa: E402
+from dit_jax.evaluation import images  # noqa: E402
+from dit_jax.objectives import sampling  # noqa: E402
+from dit_jax.models import text  # noqa: E402
+from dit_jax.training import train  # noqa: E402
 
 
 def main():

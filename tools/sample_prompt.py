@@ -22,16 +22,16 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from dit_jax import captions  # noqa: E402
+from dit_jax.data import captions  # noqa: E402
 from dit_jax import config_check  # noqa: E402
-from dit_jax import diffusion as diffusion_lib  # noqa: E402
-from dit_jax import evaluators  # noqa: E402
-from dit_jax import images  # noqa: E402
+from dit_jax.objectives import diffusion as diffusion_lib  # noqa: E402
+from dit_jax.evaluation import evaluators  # noqa: E402
+from dit_jax.evaluation import images  # noqa: E402
 from dit_jax import models  # noqa: E402
-from dit_jax import sampling  # noqa: E402
-from dit_jax import sources  # noqa: E402
-from dit_jax import text  # noqa: E402
-from dit_jax import train  # noqa: E402
+from dit_jax.objectives import sampling  # noqa: E402
+from dit_jax.data import sources  # noqa: E402
+from dit_jax.models import text  # noqa: E402
+from dit_jax.training import train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config (with text.enabled), e.g. "

@@ -1,6 +1,6 @@
 """Do prompts steer samples? Train a small text-conditioned model on captioned MNIST with the main
 trainer, sample every class prompt (tools/sample_prompt.py), and let a CNN classifier trained on
-real MNIST (dit_jax.feature_net) judge them.
+real MNIST (dit_jax.evaluation.feature_net) judge them.
 
   python tools/text_conditioning_experiment.py --data-dir ../shared/data/mnist --out /tmp/txt_exp
 
@@ -25,7 +25,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import sample_prompt  # noqa: E402
 
 from configs import default  # noqa: E402
-from dit_jax import datasets, feature_net, images, models, text, train  # noqa: E402
+from dit_jax.data import datasets  # noqa: E402
+from dit_jax.evaluation import feature_net, images  # noqa: E402
+from dit_jax import models  # noqa: E402
+from dit_jax.models import text  # noqa: E402
+from dit_jax.training import train  # noqa: E402
 
 # The two CPU-sized backbones of the experiment (width 64 caption encoder, 2 layers, 4 heads).
 ARCHS = {"dit": dict(model="DiT-Pico/4", hidden_size=64, num_heads=4, conditioning="cross_attn"),

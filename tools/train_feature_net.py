@@ -1,4 +1,4 @@
-r"""Trains the dataset's own FID feature network (dit_jax.feature_net) and caches it.
+r"""Trains the dataset's own FID feature network (dit_jax.evaluation.feature_net) and caches it.
 
   python tools/train_feature_net.py --dataset mnist --path /work/shared/data/mnist --split test \
       --image_size 28
@@ -18,9 +18,9 @@ import sys
 
 import numpy as np
 
-from dit_jax import feature_net
-from dit_jax import inception
-from dit_jax import sources
+from dit_jax.evaluation import feature_net
+from dit_jax.evaluation import inception
+from dit_jax.data import sources
 
 
 def main(argv=None) -> dict:

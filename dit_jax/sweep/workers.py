@@ -4,7 +4,7 @@ On a small CPU most members do not speed up on a second core (XLA:CPU keeps a sm
 on about one core), but two processes, one per core, do run twice the work. `sweep.workers = N`
 starts N workers, worker k pinned to core k mod N, each
 
-  python -m dit_jax.workers CORE
+  python -m dit_jax.sweep.workers CORE
 
 and feeds them members one at a time: a JSON line {"key", "config", "run_dir"} on the worker's
 stdin; the worker trains it with `train.train_and_evaluate` (its own workdir lock, checkpoints,
@@ -42,7 +42,7 @@ class _Worker:
 
   def __init__(self, core: int):
     self.core, self.job, self.t0, self.termed = core, None, 0.0, False
-    self.proc = subprocess.Popen([sys.executable, "-m", "dit_jax.workers", str(core)],
+    self.proc = subprocess.Popen([sys.executable, "-m", "dit_jax.sweep.workers", str(core)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
   def start(self, job) -> None:
@@ -120,7 +120,7 @@ def last_error(run_dir, code: int = 1) -> str:
 
 
 def _train_one(config_dict: dict, run_dir: str) -> int:
-  from dit_jax import train  # pylint: disable=import-outside-toplevel
+  from dit_jax.training import train  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict(config_dict)
   try:
     state = train.train_and_evaluate(config, run_dir)
@@ -140,7 +140,7 @@ def main(argv) -> int:
   os.sched_setaffinity(0, {core})
   answer = os.fdopen(os.dup(1), "w", buffering=1)  # the pipe to the parent, and only answers
   os.dup2(2, 1)  # anything printed between members goes to stderr, not into the answers
-  from dit_jax import compile_cache  # pylint: disable=import-outside-toplevel
+  from dit_jax.training import compile_cache  # pylint: disable=import-outside-toplevel
   compile_cache.enable()
   out, err = os.dup(1), os.dup(2)
   for line in sys.stdin:

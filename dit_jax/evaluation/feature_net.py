@@ -19,7 +19,7 @@ import optax
 from flax import traverse_util
 
 from dit_jax import files
-from dit_jax import sources
+from dit_jax.data import sources
 
 Dtype = Any
 

@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 
 from dit_jax import files
 from dit_jax import models
-from dit_jax import scaling_fit
+from dit_jax.analysis import scaling_fit
 
 METRICS = ("fid", "val_loss")
 # Metrics whose law has an irreducible term, y = e + a·C^-b: a denoising loss cannot reach 0 (even

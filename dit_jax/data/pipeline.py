@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import sources
+from dit_jax.data import sources
 
 
 def _batch_sharding_for_labels(sharding):

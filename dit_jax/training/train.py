@@ -25,22 +25,22 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from dit_jax import captions
-from dit_jax import checkpoint as checkpoint_lib
+from dit_jax.data import captions
+from dit_jax.training import checkpoint as checkpoint_lib
 from dit_jax import config_check
-from dit_jax import pipeline as pipeline_lib
-from dit_jax import distributed
-from dit_jax import evaluators as evaluators_lib
+from dit_jax.data import pipeline as pipeline_lib
+from dit_jax.training import distributed
+from dit_jax.evaluation import evaluators as evaluators_lib
 from dit_jax import files
-from dit_jax import flops
-from dit_jax import metric_log
+from dit_jax.models import flops
+from dit_jax.training import metric_log
 from dit_jax import models
 from dit_jax import objectives
-from dit_jax import results
+from dit_jax.training import fingerprint
 from dit_jax import sharding as sharding_lib
-from dit_jax import sources
-from dit_jax import splits
-from dit_jax import train_step as step_lib
+from dit_jax.data import sources
+from dit_jax.data import splits
+from dit_jax.training import train_step as step_lib
 
 
 class NonFiniteError(RuntimeError):
@@ -90,7 +90,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   lock = files.WorkdirLock(workdir, f".lock.{jax.process_index()}").__enter__()
   if jax.process_index() == 0:
     try:  # only an identical config resumes (or starts) here
-      results.check_same_config(workdir / "config.json", config)
+      fingerprint.check_same_config(workdir / "config.json", config)
     except ValueError:
       lock.__exit__()
       raise

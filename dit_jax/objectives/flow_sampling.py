@@ -1,6 +1,6 @@
 """Samplers for a `Flow`: Euler / Heun ODE and SiT's Euler-Maruyama SDE (lax.scan), guidance.
 
-Time runs from t = 0 (noise) to t = 1 (data), as in `dit_jax.flow`. `model_fn(x_BxHxWxC, t_B)` is
+Time runs from t = 0 (noise) to t = 1 (data), as in `dit_jax.objectives.flow`. `model_fn(x_BxHxWxC, t_B)` is
 a closure over params and conditioning that receives `flow.model_timesteps(t)` and returns the
 network output in the Flow's prediction type (C channels). `num_steps` counts integration intervals:
 Euler and Euler-Maruyama call the model num_steps times (+1 for an SDE last step), Heun 2 num_steps.
@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax import sharding as sharding_lib
-from dit_jax.flow import Flow, broadcast_t, shift_sigma, shift_time
-from dit_jax.diffusion import per_example_normal
-from dit_jax.sampling import cfg_model_fn, start
+from dit_jax.objectives.flow import Flow, broadcast_t, shift_sigma, shift_time
+from dit_jax.objectives.diffusion import per_example_normal
+from dit_jax.objectives.sampling import cfg_model_fn, start
 
 METHODS = ("euler", "heun", "euler_maruyama")
 SCHEDULES = ("uniform", "diffusers")

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from dit_jax import diffusion as diffusion_lib
-from dit_jax import flow as flow_lib
-from dit_jax import flow_sampling
+from dit_jax.objectives import diffusion as diffusion_lib
+from dit_jax.objectives import flow as flow_lib
+from dit_jax.objectives import flow_sampling
 from dit_jax import models
-from dit_jax import sampling
+from dit_jax.objectives import sampling
 
 OBJECTIVES = ("ddpm", "flow")
 FLOW_SAMPLERS = ("euler", "heun", "euler_maruyama")

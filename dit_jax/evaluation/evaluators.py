@@ -31,17 +31,17 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from dit_jax import captions
-from dit_jax import diffusion as diffusion_lib
-from dit_jax import fid
+from dit_jax.data import captions
+from dit_jax.objectives import diffusion as diffusion_lib
+from dit_jax.evaluation import fid
 from dit_jax import files
-from dit_jax import images as images_lib
-from dit_jax import inception
+from dit_jax.evaluation import images as images_lib
+from dit_jax.evaluation import inception
 from dit_jax import models
 from dit_jax import objectives
 from dit_jax import sharding as sharding_lib
-from dit_jax import sources
-from dit_jax import vae as vae_lib
+from dit_jax.data import sources
+from dit_jax.models import vae as vae_lib
 
 FEATURE_NETWORKS = ("auto", "inception", "cnn")
 

@@ -9,66 +9,15 @@ member's config that can change a number. Re-runs compare fingerprints, never na
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pathlib
 
-from flax import traverse_util
-
 from dit_jax import files
 from dit_jax import objectives
+from dit_jax.training.fingerprint import fingerprint
 
-# Fields that cannot change a result: where things go, how often they are logged or saved, how the
-# work is laid out over devices and processes. Everything else is part of the fingerprint.
-NOT_FINGERPRINTED = ("workdir", "distributed", "async_checkpoints", "keep_checkpoints",
-                     "checkpoint_every_steps", "log_every_steps", "record_batch_hashes",
-                     "peak_tflops_per_device", "mesh_shape", "logical_axis_rules",
-                     "eval.fid.cache_dir", "data.num_workers", "data.max_in_memory_gb",
-                     "data.tfds_probe_timeout_s", "data.tfds_data_dir")
 METRIC_PREFIXES = ("fid", "sfid", "is", "precision", "recall")
-
-
-def _fingerprinted(config_dict: dict) -> dict:
-  """The result-changing fields of a config (as a dict), flattened to dotted names."""
-  flat = traverse_util.flatten_dict(config_dict, sep=".")
-  return {k: v for k, v in flat.items()
-          if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
-
-
-def _flat(config) -> dict:
-  return _fingerprinted(json.loads(config.to_json_best_effort()))
-
-
-def fingerprint(config) -> str:
-  """sha256 (16 hex digits) of the result-changing fields of a training config."""
-  return hashlib.sha256(json.dumps(_flat(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def changed_fields(old_config_dict: dict, config) -> list[str]:
-  """The result-changing fields that differ between a saved config (dict) and `config`."""
-  old, new = _fingerprinted(old_config_dict), _flat(config)
-  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
-def check_same_config(path, config, write: bool = True) -> None:
-  """Refuses to continue a run whose saved config (`path`, JSON) differs in a result-changing
-  field; writes the config when there is none yet (unless write=False)."""
-  path = pathlib.Path(path)
-  if path.exists():
-    try:
-      saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e.msg}); move it away or use a new workdir"
-                       ) from None
-    changed = changed_fields(saved, config)
-    if changed:
-      show = ", ".join(f"{k}" for k in changed[:8]) + (" ..." if len(changed) > 8 else "")
-      raise ValueError(f"{path.parent} was trained with another config ({len(changed)} field(s) "
-                       f"differ: {show}); use a new workdir, or restore those fields to resume")
-    return
-  if write:
-    files.atomic_write_text(path, config.to_json_best_effort(indent=1))
 
 
 def provenance(config, data_kind: str) -> dict:

@@ -16,7 +16,7 @@ import pathlib
 
 import jax
 
-from dit_jax import inception
+from dit_jax.evaluation import inception
 
 ENV = "DIT_JAX_COMPILE_CACHE"
 MIN_COMPILE_S = 0.5  # programs that compile faster than this are not worth a file

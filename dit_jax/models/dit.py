@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dit_jax import attention, dense_dot, embeddings, patchify as patchify_lib
-from dit_jax.text import check_context
+from dit_jax.models import attention, dense_dot, embeddings, patchify as patchify_lib
+from dit_jax.models.text import check_context
 
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
 
@@ -184,7 +184,7 @@ class DiT(nn.Module):
   # cross_attn only: > 0 appends a context sequence (B, L, context_dim), e.g. a caption encoding,
   # projected to hidden_size, to the (t, y) tokens the blocks cross-attend to.
   context_dim: int = 0
-  attention_impl: Optional[str] = None  # None: dit_jax.attention; "xla"/"cudnn": jax.nn's
+  attention_impl: Optional[str] = None  # None: dit_jax.models.attention; "xla"/"cudnn": jax.nn's
   scan_layers: bool = False
   remat: bool = False
   dtype: Any = jnp.float32

@@ -22,9 +22,9 @@ from absl import logging
 from scipy import linalg
 from tqdm.auto import tqdm
 
-from dit_jax import feature_net
+from dit_jax.evaluation import feature_net
 from dit_jax import files
-from dit_jax import inception
+from dit_jax.evaluation import inception
 
 FeatureFn = Callable[[jax.Array], dict]
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dit_jax import attention, dit, flops, text, unet
+from dit_jax.models import attention, dit, flops, text, unet
 
 # The config's model fields and the value that means "not set" (the named size's, or off).
 MODEL_FIELDS = {"depth": 0, "hidden_size": 0, "num_heads": 0, "conditioning": "adaln_zero",
@@ -140,7 +140,7 @@ def check_config(config) -> None:
     raise ValueError(f"unknown conditioning {config.conditioning!r}; choose from "
                      f"{dit.CONDITIONINGS}")
   if config.attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl {config.attention_impl!r}: use '' (dit_jax.attention, its "
+    raise ValueError(f"attention_impl {config.attention_impl!r}: use '' (dit_jax.models.attention, its "
                      f"own backward), or jax.nn.dot_product_attention's 'xla' or 'cudnn'")
   for field in ("dtype", "param_dtype"):
     dtype_of(config[field])

@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from dit_jax import datasets
-from dit_jax import latent_format
+from dit_jax.data import datasets
+from dit_jax.data import latent_format
 
 SOURCE_NAMES = ("digits", "mnist", "cifar10", "tfds", "folder", "npz", "latents")
 # Host tfds downloads from first (its GCS mirror); the probe only checks it answers quickly.

@@ -5,7 +5,7 @@ and every training seed of a sweep holds out the same examples and is scored on 
 """
 import numpy as np
 
-from dit_jax import sources
+from dit_jax.data import sources
 
 
 class Subset(sources.Source):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import dense_dot
+from dit_jax.models import dense_dot
 
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
 PAD_ID, BOS_ID, UNK_ID = 0, 1, 2

@@ -13,8 +13,8 @@ import pathlib
 
 import numpy as np
 
-from dit_jax import sources
-from dit_jax import text
+from dit_jax.data import sources
+from dit_jax.models import text
 
 TOKENIZER_FILE = "tokenizer.json"  # next to config.json in a training workdir
 

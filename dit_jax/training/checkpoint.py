@@ -65,7 +65,7 @@ class Checkpointer:
     """(step, state, data_state) of the newest checkpoint that reads back. One that does not (a
     disk fault, a file truncated outside orbax's atomic save) is moved to `<directory>.corrupt/`,
     kept for inspection and out of the manager's way, and the one before it is restored. (A
-    changed config never gets here: results.check_same_config refuses it first.)"""
+    changed config never gets here: fingerprint.check_same_config refuses it first.)"""
     steps = sorted(self.all_steps(), reverse=True)
     for step in steps:
       try:
@@ -112,7 +112,7 @@ def remove_partial_saves(directory) -> list:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p.name)
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("dit_jax.checkpoint.remove_partial_saves")
+    multihost_utils.sync_global_devices("dit_jax.training.checkpoint.remove_partial_saves")
   return removed
 
 

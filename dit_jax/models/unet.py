@@ -16,8 +16,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dit_jax import attention, dense_dot, embeddings
-from dit_jax.text import check_context
+from dit_jax.models import attention, dense_dot, embeddings
+from dit_jax.models.text import check_context
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import dense_dot
+from dit_jax.models import dense_dot
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:

@@ -24,18 +24,19 @@ import jax
 import ml_collections
 from absl import logging
 
-from dit_jax import captions
+from dit_jax.data import captions
 from dit_jax import config_check
-from dit_jax import evaluators
+from dit_jax.evaluation import evaluators
 from dit_jax import files
 from dit_jax import models
-from dit_jax import report
-from dit_jax import results
-from dit_jax import scaling_fit
+from dit_jax.analysis import report
+from dit_jax.sweep import results
+from dit_jax.training import fingerprint
+from dit_jax.analysis import scaling_fit
 from dit_jax import sharding as sharding_lib
-from dit_jax import sources
-from dit_jax import train
-from dit_jax import workers
+from dit_jax.data import sources
+from dit_jax.training import train
+from dit_jax.sweep import workers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +158,7 @@ def preflight(config, workdir: pathlib.Path):
     infos[name] = dict(model=name, **info)
   members = select(plan(config, {n: i["gflops"] for n, i in infos.items()}), config.sweep.member)
   for m in members:  # a member trained before under another config is never resumed silently
-    results.check_same_config(workdir / run_dir_name(m.run) / "config.json",
+    fingerprint.check_same_config(workdir / run_dir_name(m.run) / "config.json",
                               member_config(config, m), write=False)
   return members, infos, source
 
@@ -215,7 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
             if r.get("final") and r.get("status") == "ok"}
     todo = []
     for m in members:
-      fp = results.fingerprint(member_config(config, m))
+      fp = fingerprint.fingerprint(member_config(config, m))
       if m.run in done and done[m.run] not in (fp, None):
         raise ValueError(f"{path} holds {m.run} made with another config (fingerprint "
                          f"{done[m.run]}, now {fp}); use a new workdir")
