@@ -6,6 +6,7 @@ import pytest
 from scipy import stats
 
 from dit_jax.analysis import scaling_fit as sf
+from dit_jax.sweep import members as members_lib
 
 
 def _power_data(seed, a=50.0, b=0.2, sigma=0.1, C=np.geomspace(1, 1e4, 12)):
@@ -143,7 +144,7 @@ def test_frontier_hand_example():
 
 
 def test_isoflop_plan_exact_steps():
-  plan = sf.isoflop_plan([1e4, 1e6], {"S": 6.0, "B": 23.0, "XL": 119.0}, batch_size=256)
+  plan = members_lib.isoflop_plan([1e4, 1e6], {"S": 6.0, "B": 23.0, "XL": 119.0}, batch_size=256)
   got = [(p["budget"], p["model"], p["steps"]) for p in plan]
   # 1e4/(3*6*256)=2.17, 1e4/17664=0.57 -> 1, XL 0.11 -> skipped; 1e6: 217.01, 56.6, 10.9
   assert got == [(1e4, "S", 2), (1e4, "B", 1), (1e6, "S", 217), (1e6, "B", 57), (1e6, "XL", 11)]

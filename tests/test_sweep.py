@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from dit_jax.sweep import members as members_lib
 from dit_jax import files
 from dit_jax.sweep import runner as sweep
 from dit_jax.training import train
@@ -91,21 +92,21 @@ def test_failed_member_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
 
 def test_member_selection_and_config_errors(tmp_path):
   config = dit_sweep.get_config("")
-  names = sweep.model_names(config.sweep)
+  names = members_lib.model_names(config.sweep)
   assert names[:3] == ["DiT-Pico/8", "DiT-Pico/4", "DiT-Pico/2"] and names[-1] == "UNet-Pico"
   config.sweep.seeds, config.sweep.objectives = (0, 1), ("ddpm", "flow")
-  members = sweep.plan(config, {n: 1.0 for n in names})
+  members = members_lib.plan(config, {n: 1.0 for n in names})
   assert len(members) == len(names) * 4
   assert [m.run for m in members[:4]] == ["DiT-Pico/8-s0", "DiT-Pico/8-s1", "DiT-Pico/8-flow-s0",
                                           "DiT-Pico/8-flow-s1"]
-  assert sweep.select(members, "1")[0].run == "DiT-Pico/8-s1"
-  assert [m.run for m in sweep.select(members, "UNet-Pico")] == [
+  assert members_lib.select(members, "1")[0].run == "DiT-Pico/8-s1"
+  assert [m.run for m in members_lib.select(members, "UNet-Pico")] == [
       "UNet-Pico-s0", "UNet-Pico-s1", "UNet-Pico-flow-s0", "UNet-Pico-flow-s1"]
   with pytest.raises(ValueError, match="not in the sweep"):
-    sweep.select(members, "DiT-XL/2")
+    members_lib.select(members, "DiT-XL/2")
   with pytest.raises(ValueError, match="has 28 members"):
-    sweep.select(members, "28")
-  flow = sweep.member_config(config, members[2])
+    members_lib.select(members, "28")
+  flow = members_lib.member_config(config, members[2])
   assert flow.diffusion.objective == "flow" and not flow.learn_sigma and flow.seed == 0
   config = tiny_sweep(tmp_path)
   config.sweep.patches = (3,)  # does not tile 8x8: an error before anything trains
@@ -140,7 +141,7 @@ def test_slurm_array_script_runs_its_member(tmp_path):
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   paper = dit_sweep.get_config("paper")
-  n = len(sweep.model_names(paper.sweep)) * len(paper.sweep.seeds) * len(paper.sweep.objectives)
+  n = len(members_lib.model_names(paper.sweep)) * len(paper.sweep.seeds) * len(paper.sweep.objectives)
   script = ROOT / "tools" / "slurm_sweep.sbatch"
   assert f"#SBATCH --array=0-{n - 1}\n" in script.read_text()  # one task per paper member
   bin_dir = tmp_path / "bin"

@@ -248,7 +248,7 @@ def fit_power_law(C_N, y_N, offset: bool = False, n_boot: int = 1000, ci: float 
       pi_method=pi_method, boot=boot, data=(C, y))
 
 
-# --- Frontier and iso-FLOP planning ---
+# --- Frontier ---
 def frontier(C_N, y_N) -> np.ndarray:
   """Indices of the lower envelope: points with no other C' <= C and y' < y, sorted by C."""
   C, y = (np.asarray(v, float) for v in (C_N, y_N))
@@ -258,20 +258,6 @@ def frontier(C_N, y_N) -> np.ndarray:
   # sorted by C then y, the running minimum at a point already covers every point with C' <= C
   # (those tied at C with a lower y come first), so a point is kept iff it is that minimum
   return order[ys <= np.minimum.accumulate(ys)]
-
-
-def isoflop_plan(budgets_gflops, model_gflops: dict, batch_size: int) -> list:
-  """Steps per (budget, model), training compute = 3 × forward Gflops × images (DiT paper)."""
-  plan = []
-  for budget in budgets_gflops:
-    for name, g in model_gflops.items():
-      per_step = 3.0 * g * batch_size
-      steps = int(math.floor(budget / per_step + 0.5))  # round half up, not to even
-      if steps < 1:
-        continue
-      plan.append(dict(budget=float(budget), model=name, steps=steps,
-                       images=steps * batch_size, compute=steps * per_step))
-  return plan
 
 
 # --- Parametric L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla Approach 3) ---

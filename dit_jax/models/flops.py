@@ -34,3 +34,15 @@ def xla_gflops(model: nn.Module, init_fn: Callable, args: tuple, kwargs: dict) -
   params = jax.eval_shape(init_fn)
   fwd = jax.jit(lambda p, a, k: model.apply({"params": p}, *a, **k))
   return cost_flops(fwd.lower(nn.unbox(params), args, kwargs).compile()) / 2 / 1e9
+
+
+# Training compute in the paper's measure: a training step costs about three forward passes (the
+# backward pass is about two), counted in forward Gflops (multiply-accumulates) per image.
+TRAIN_FORWARD_PASSES = 3
+FLOPS_PER_MAC = 2  # hardware FLOPs (XLA's count, TFLOP/s ratings) per multiply-accumulate
+
+
+def training_gflops(gflops_per_image: float, batch_size: int, steps: int = 1) -> float:
+  """Training compute of `steps` steps at `batch_size`, in the paper's forward Gflops (MACs):
+  3 x forward Gflops x images. Hardware FLOPs are FLOPS_PER_MAC times this."""
+  return gflops_per_image * batch_size * steps * TRAIN_FORWARD_PASSES

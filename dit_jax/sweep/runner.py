@@ -15,7 +15,6 @@ there with the same config fingerprint, resumes an interrupted one, and refuses 
 """
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import time
 import traceback
@@ -30,88 +29,13 @@ from dit_jax.evaluation import evaluators
 from dit_jax import files
 from dit_jax import models
 from dit_jax.analysis import report
+from dit_jax.sweep import members as members_lib
 from dit_jax.sweep import results
 from dit_jax.training import fingerprint
-from dit_jax.analysis import scaling_fit
 from dit_jax import sharding as sharding_lib
 from dit_jax.data import sources
 from dit_jax.training import train
 from dit_jax.sweep import workers
-
-
-@dataclasses.dataclass(frozen=True)
-class Member:
-  """One training run of the sweep."""
-  run: str
-  model: str
-  objective: str
-  seed: int
-  steps: int
-  budget: float | None = None
-
-
-def model_names(sweep: ml_collections.ConfigDict) -> list[str]:
-  """The grid: a DiT for every size and patch, then the extra (e.g. U-Net) models."""
-  return models.names("DiT", sweep.sizes, sweep.patches) + list(sweep.extra_models)
-
-
-def plan(config, gflops: dict) -> list[Member]:
-  """Every member, in order: budget, model, objective, seed."""
-  sweep, out = config.sweep, []
-  steps = {(None, m): config.num_train_steps for m in gflops}
-  budgets = [None]
-  if sweep.budgets:
-    budgets = [float(b) for b in sweep.budgets]
-    steps = {(p["budget"], p["model"]): p["steps"] for p in
-             scaling_fit.isoflop_plan(budgets, gflops, config.batch_size)}
-  for budget in budgets:
-    for model in gflops:
-      if (budget, model) not in steps:
-        continue  # the budget buys this model less than one step
-      for objective in sweep.objectives:
-        for seed in sweep.seeds:
-          run = model + ("" if objective == "ddpm" else f"-{objective}")
-          run += ("" if budget is None else f"-b{budget:g}") + f"-s{seed}"
-          out.append(Member(run, model, objective, int(seed), steps[(budget, model)], budget))
-  return out
-
-
-def select(members: list[Member], member: str) -> list[Member]:
-  """All members, or those chosen by index ('3'), run ('DiT-S/4-s0') or model ('DiT-S/4')."""
-  if member in ("", None):
-    return members
-  if str(member).isdigit():
-    i = int(member)
-    if i >= len(members):
-      raise ValueError(f"sweep.member={i}, but the sweep has {len(members)} members")
-    return [members[i]]
-  chosen = [m for m in members if member in (m.run, m.model)]
-  if not chosen:
-    raise ValueError(f"sweep.member={member!r} is not in the sweep: {[m.run for m in members]}")
-  return chosen
-
-
-def run_dir_name(run: str) -> str:
-  return run.replace("/", "_")
-
-
-def member_config(config: ml_collections.ConfigDict, m) -> ml_collections.ConfigDict:
-  """The training config of one member: the sweep config with the member's fields set and no
-  `sweep` block. Flow members train without learned Sigma (a DDPM-only output)."""
-  cfg = ml_collections.ConfigDict(config.to_dict())
-  del cfg["sweep"]
-  if isinstance(m, str):  # a model name alone: the config's own seed and objective
-    cfg.model = m
-    return cfg
-  cfg.model, cfg.seed, cfg.diffusion.objective = m.model, m.seed, m.objective
-  cfg.num_train_steps = m.steps
-  if m.objective == "flow":
-    cfg.learn_sigma = False
-  if m.budget is not None:  # iso-FLOP members are evaluated once, at the end
-    for ev in ("grid", "fid", "val"):
-      if cfg.eval[ev].every_steps:
-        cfg.eval[ev].every_steps = m.steps
-  return cfg
 
 
 def describe_model(cfg: ml_collections.ConfigDict, source) -> dict:
@@ -121,58 +45,37 @@ def describe_model(cfg: ml_collections.ConfigDict, source) -> dict:
   return models.describe(model, cfg.model)
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """The sweep block, and what a sweep needs of the training config: an evaluation to record."""
-  s = config.sweep
-  if not model_names(s) or not s.seeds or not s.objectives:
-    raise ValueError("the sweep has no members: set sweep.sizes and sweep.patches (or "
-                     "sweep.extra_models), sweep.seeds and sweep.objectives")
-  for p in s.patches:
-    if int(p) < 1:
-      raise ValueError(f"sweep.patches: {p} is not a patch size")
-  if len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:
-    raise ValueError(f"sweep.seeds={tuple(s.seeds)}: distinct seeds >= 0")
-  if s.workers < 0 or any(float(b) <= 0 for b in s.budgets):
-    raise ValueError(f"sweep.workers must be >= 0 and sweep.budgets positive (got {s.workers}, "
-                     f"{tuple(s.budgets)})")
-  q, v = config.eval.fid, config.eval.val
-  if not ((q.every_steps > 0 and q.num_samples > 0) or v.every_steps > 0):
-    raise ValueError("a sweep records one row per evaluation: set eval.fid.every_steps and "
-                     f"eval.fid.num_samples > 0, or eval.val.every_steps > 0 (got "
-                     f"{q.every_steps}, {q.num_samples}, {v.every_steps})")
-
-
 def preflight(config, workdir: pathlib.Path):
   """Every member's config checked (with the data), before anything trains: (members, infos)."""
-  check_config(config)
+  members_lib.check_config(config)
   # Checks the data (and a text run's captions) before anything compiles.
   source = captions.training_source(config, sources.create_source(config.data))
   infos = {}
-  for name in model_names(config.sweep):
-    cfg = member_config(config, name)
+  for name in members_lib.model_names(config.sweep):
+    cfg = members_lib.member_config(config, name)
     for objective in config.sweep.objectives:
       cfg.diffusion.objective = objective
       cfg.learn_sigma = config.learn_sigma and objective == "ddpm"
       config_check.check(cfg)
       info = describe_model(cfg, source)
     infos[name] = dict(model=name, **info)
-  members = select(plan(config, {n: i["gflops"] for n, i in infos.items()}), config.sweep.member)
+  members = members_lib.select(members_lib.plan(config, {n: i["gflops"] for n, i in infos.items()}), config.sweep.member)
   for m in members:  # a member trained before under another config is never resumed silently
-    fingerprint.check_same_config(workdir / run_dir_name(m.run) / "config.json",
-                              member_config(config, m), write=False)
+    fingerprint.check_same_config(workdir / members_lib.run_dir_name(m.run) / "config.json",
+                              members_lib.member_config(config, m), write=False)
   return members, infos, source
 
 
-def warm_caches(config, member: Member, source) -> None:
+def warm_caches(config, member: members_lib.Member, source) -> None:
   """Makes the feature network and FID reference statistics the members will load (training the
   dataset CNN the first time), in this process, so that concurrent workers do not each make them."""
-  cfg = member_config(config, member)
+  cfg = members_lib.member_config(config, member)
   if cfg.eval.fid.every_steps > 0 and cfg.eval.fid.num_samples > 0:
     evaluators.feature_network_and_reference(cfg, source, sharding_lib.create_mesh(cfg.mesh_shape))
 
 
-def _collect(config, m: Member, info: dict, run_dir, data_kind) -> list[dict]:
-  cfg = member_config(config, m)
+def _collect(config, m: members_lib.Member, info: dict, run_dir, data_kind) -> list[dict]:
+  cfg = members_lib.member_config(config, m)
   extra = dict(results.provenance(cfg, data_kind), budget_gflops=m.budget)
   rows = results.evaluation_rows(m.run, run_dir, info, extra)
   if not rows or rows[-1]["step"] != m.steps:
@@ -181,7 +84,7 @@ def _collect(config, m: Member, info: dict, run_dir, data_kind) -> list[dict]:
   return rows
 
 
-def _failed(m: Member, error: str, seconds: float) -> dict:
+def _failed(m: members_lib.Member, error: str, seconds: float) -> dict:
   return dict(run=m.run, model=m.model, objective=m.objective, seed=m.seed, budget_gflops=m.budget,
               status="failed", error=error, wall_s=seconds)
 
@@ -193,7 +96,7 @@ class _Progress:
     self.cost = {m.run: m.steps * (infos[m.model]["gflops"] + 0.005) for m in members}
     self.total, self.done, self.t0, self.n = sum(self.cost.values()), 0.0, time.time(), 0
 
-  def finished(self, m: Member, seconds: float, rows) -> None:
+  def finished(self, m: members_lib.Member, seconds: float, rows) -> None:
     self.done += self.cost[m.run]
     self.n += 1
     elapsed = time.time() - self.t0
@@ -216,7 +119,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
             if r.get("final") and r.get("status") == "ok"}
     todo = []
     for m in members:
-      fp = fingerprint.fingerprint(member_config(config, m))
+      fp = fingerprint.fingerprint(members_lib.member_config(config, m))
       if m.run in done and done[m.run] not in (fp, None):
         raise ValueError(f"{path} holds {m.run} made with another config (fingerprint "
                          f"{done[m.run]}, now {fp}); use a new workdir")
@@ -237,11 +140,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
 def _train_all(config, workdir, todo, infos, data_kind, path) -> list[str]:
   progress, failed, by_run = _Progress(todo, infos), [], {m.run: m for m in todo}
 
-  def finish(m: Member, seconds: float, error: str | None) -> None:
+  def finish(m: members_lib.Member, seconds: float, error: str | None) -> None:
     rows = []
     if error is None:
       try:
-        rows = _collect(config, m, infos[m.model], workdir / run_dir_name(m.run), data_kind)
+        rows = _collect(config, m, infos[m.model], workdir / members_lib.run_dir_name(m.run), data_kind)
       except (RuntimeError, ValueError) as e:
         error = str(e)
     if error is not None:
@@ -255,13 +158,13 @@ def _train_all(config, workdir, todo, infos, data_kind, path) -> list[str]:
   if config.sweep.workers > 0:
     # Longest first (by the progress line's cost proxy), so no long member runs alone at the end.
     order = sorted(todo, key=lambda m: -progress.cost[m.run])
-    jobs = [(m.run, member_config(config, m).to_dict(), str(workdir / run_dir_name(m.run)))
+    jobs = [(m.run, members_lib.member_config(config, m).to_dict(), str(workdir / members_lib.run_dir_name(m.run)))
             for m in order]
 
     def on_done(run, code, seconds):
       if code != workers.PREEMPTED:
         finish(by_run[run], seconds, None if code == 0 else
-               workers.last_error(workdir / run_dir_name(run), code))
+               workers.last_error(workdir / members_lib.run_dir_name(run), code))
     if not workers.run_pool(jobs, config.sweep.workers, on_done):
       logging.warning("sweep: SIGTERM; the running members saved their checkpoints, re-run the "
                       "sweep to resume them")
@@ -269,7 +172,7 @@ def _train_all(config, workdir, todo, infos, data_kind, path) -> list[str]:
   for m in todo:
     t0 = time.perf_counter()
     try:
-      state = train.train_and_evaluate(member_config(config, m), workdir / run_dir_name(m.run))
+      state = train.train_and_evaluate(members_lib.member_config(config, m), workdir / members_lib.run_dir_name(m.run))
     except Exception as e:  # pylint: disable=broad-except
       logging.error("sweep: %s: %s", m.run, traceback.format_exc())
       finish(m, time.perf_counter() - t0, f"{type(e).__name__}: {e}")

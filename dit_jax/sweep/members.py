@@ -1,0 +1,126 @@
+"""The sweep's members: the grid (model size x patch size, plus extra models) x objective x seed,
+at equal steps or, with `sweep.budgets`, at equal training compute; and each member's training
+config, made from the sweep config.
+
+A member is one training run in `<workdir>/<run>/`, named `<model>[-<objective>][-b<budget>]-s<seed>`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+from dit_jax import models
+from dit_jax.models import flops
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One training run of the sweep."""
+  run: str
+  model: str
+  objective: str
+  seed: int
+  steps: int
+  budget: float | None = None
+
+
+def model_names(sweep: ml_collections.ConfigDict) -> list[str]:
+  """The grid: a DiT for every size and patch, then the extra (e.g. U-Net) models."""
+  return models.names("DiT", sweep.sizes, sweep.patches) + list(sweep.extra_models)
+
+
+def isoflop_plan(budgets_gflops, model_gflops: dict, batch_size: int) -> list:
+  """Steps per (budget, model), training compute = 3 x forward Gflops x images
+  (the DiT paper's measure, flops.training_gflops); a budget that buys a model no step skips it."""
+  plan = []
+  for budget in budgets_gflops:
+    for name, g in model_gflops.items():
+      per_step = flops.training_gflops(g, batch_size)
+      steps = int(math.floor(budget / per_step + 0.5))  # round half up, not to even
+      if steps < 1:
+        continue
+      plan.append(dict(budget=float(budget), model=name, steps=steps,
+                       images=steps * batch_size, compute=steps * per_step))
+  return plan
+
+
+def plan(config, gflops: dict) -> list[Member]:
+  """Every member, in order: budget, model, objective, seed."""
+  sweep, out = config.sweep, []
+  steps = {(None, m): config.num_train_steps for m in gflops}
+  budgets = [None]
+  if sweep.budgets:
+    budgets = [float(b) for b in sweep.budgets]
+    steps = {(p["budget"], p["model"]): p["steps"] for p in
+             isoflop_plan(budgets, gflops, config.batch_size)}
+  for budget in budgets:
+    for model in gflops:
+      if (budget, model) not in steps:
+        continue  # the budget buys this model less than one step
+      for objective in sweep.objectives:
+        for seed in sweep.seeds:
+          run = model + ("" if objective == "ddpm" else f"-{objective}")
+          run += ("" if budget is None else f"-b{budget:g}") + f"-s{seed}"
+          out.append(Member(run, model, objective, int(seed), steps[(budget, model)], budget))
+  return out
+
+
+def select(members: list[Member], member: str) -> list[Member]:
+  """All members, or those chosen by index ('3'), run ('DiT-S/4-s0') or model ('DiT-S/4')."""
+  if member in ("", None):
+    return members
+  if str(member).isdigit():
+    i = int(member)
+    if i >= len(members):
+      raise ValueError(f"sweep.member={i}, but the sweep has {len(members)} members")
+    return [members[i]]
+  chosen = [m for m in members if member in (m.run, m.model)]
+  if not chosen:
+    raise ValueError(f"sweep.member={member!r} is not in the sweep: {[m.run for m in members]}")
+  return chosen
+
+
+def run_dir_name(run: str) -> str:
+  return run.replace("/", "_")
+
+
+def member_config(config: ml_collections.ConfigDict, m) -> ml_collections.ConfigDict:
+  """The training config of one member: the sweep config with the member's fields set and no
+  `sweep` block. Flow members train without learned Sigma (a DDPM-only output)."""
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  del cfg["sweep"]
+  if isinstance(m, str):  # a model name alone: the config's own seed and objective
+    cfg.model = m
+    return cfg
+  cfg.model, cfg.seed, cfg.diffusion.objective = m.model, m.seed, m.objective
+  cfg.num_train_steps = m.steps
+  if m.objective == "flow":
+    cfg.learn_sigma = False
+  if m.budget is not None:  # iso-FLOP members are evaluated once, at the end
+    for ev in ("grid", "fid", "val"):
+      if cfg.eval[ev].every_steps:
+        cfg.eval[ev].every_steps = m.steps
+  return cfg
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The sweep block, and what a sweep needs of the training config: an evaluation to record."""
+  s = config.sweep
+  if not model_names(s) or not s.seeds or not s.objectives:
+    raise ValueError("the sweep has no members: set sweep.sizes and sweep.patches (or "
+                     "sweep.extra_models), sweep.seeds and sweep.objectives")
+  for p in s.patches:
+    if int(p) < 1:
+      raise ValueError(f"sweep.patches: {p} is not a patch size")
+  if len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:
+    raise ValueError(f"sweep.seeds={tuple(s.seeds)}: distinct seeds >= 0")
+  if s.workers < 0 or any(float(b) <= 0 for b in s.budgets):
+    raise ValueError(f"sweep.workers must be >= 0 and sweep.budgets positive (got {s.workers}, "
+                     f"{tuple(s.budgets)})")
+  q, v = config.eval.fid, config.eval.val
+  if not ((q.every_steps > 0 and q.num_samples > 0) or v.every_steps > 0):
+    raise ValueError("a sweep records one row per evaluation: set eval.fid.every_steps and "
+                     f"eval.fid.num_samples > 0, or eval.val.every_steps > 0 (got "
+                     f"{q.every_steps}, {q.num_samples}, {v.every_steps})")
