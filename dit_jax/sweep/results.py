@@ -15,6 +15,7 @@ import pathlib
 
 from dit_jax import files
 from dit_jax import objectives
+from dit_jax.models import flops
 from dit_jax.training.fingerprint import fingerprint
 
 METRIC_PREFIXES = ("fid", "sfid", "is", "precision", "recall")
@@ -60,7 +61,7 @@ def evaluation_rows(run: str, run_dir, info: dict, extra: dict) -> list[dict]:
   rows = []
   for step in sorted(by_step):
     rows.append(dict(run=run, **info, step=step,
-                     train_compute_gflops=info["gflops"] * extra["batch_size"] * step * 3,
+                     train_compute_gflops=flops.training_gflops(info["gflops"], extra["batch_size"], step),
                      images_per_s=sum(speeds) / len(speeds) if speeds else math.nan, status="ok",
                      **by_step[step], **extra, **ref))
   return rows
