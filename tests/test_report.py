@@ -11,7 +11,8 @@ import pytest
 from dit_jax.analysis import report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The single-seed default sweep as committed on 2026-11-27 (rows without family/size/objective/seed).
+# The single-seed default sweep as committed on 2026-11-27 (rows without family/size/objective/
+# seed).
 CPU_SWEEP = ROOT / "tests" / "data" / "cpu_sweep_single_seed_2026-11-27.jsonl"
 DITS = [("Pico", 8), ("Nano", 8), ("Pico", 4), ("Nano", 4), ("Pico", 2), ("Nano", 2)]
 GFLOPS = np.geomspace(0.002, 0.06, 6)

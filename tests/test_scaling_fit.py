@@ -1,11 +1,13 @@
-"""scaling_fit on synthetic data whose true answer is known."""
+"""The scaling fits (bootstrap, power_law, isoflop) on synthetic data whose true answer is known."""
 import math
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from dit_jax.analysis import scaling_fit as sf
+from dit_jax.analysis import bootstrap
+from dit_jax.analysis import isoflop
+from dit_jax.analysis import power_law
 from dit_jax.sweep import members as members_lib
 
 
@@ -20,7 +22,7 @@ def _power_data(seed, a=50.0, b=0.2, sigma=0.1, C=np.geomspace(1, 1e4, 12)):
 
 def test_power_law_no_offset_recovers_a_b():
   C, y = _power_data(0, sigma=0.05, C=np.geomspace(1, 1e4, 20))
-  f = sf.fit_power_law(C, y, n_boot=300)
+  f = power_law.fit_power_law(C, y, n_boot=300)
   assert abs(f.b - 0.2) < 0.02
   assert abs(math.log(f.a / 50.0)) < 0.1
   assert f.e == 0.0 and f.n == 20 and f.r2 > 0.9
@@ -37,13 +39,13 @@ def test_power_law_offset_recovers_e_a_b():
   rng = np.random.default_rng(1)
   C = np.geomspace(1, 1e6, 15)
   y = (3.0 + 40.0 * C ** -0.3) * np.exp(0.01 * rng.standard_normal(15))
-  f = sf.fit_power_law(C, y, offset=True, n_boot=300)
+  f = power_law.fit_power_law(C, y, offset=True, n_boot=300)
   assert abs(f.e - 3.0) < 0.1 and abs(f.a / 40.0 - 1) < 0.05 and abs(f.b - 0.3) < 0.01
   for (lo, hi), true in ((f.e_ci, 3.0), (f.a_ci, 40.0), (f.b_ci, 0.3)):
     assert lo < true < hi
   assert f.formula().startswith(f"y = {f.e:.3g} + {f.a:.3g}·C^-")
   # without the offset the same data reads as a much flatter law: the asymptote matters
-  assert sf.fit_power_law(C, y, n_boot=10).b < 0.2
+  assert power_law.fit_power_law(C, y, n_boot=10).b < 0.2
 
 
 def test_power_law_coverage_of_b_ci_and_prediction_interval():
@@ -54,12 +56,12 @@ def test_power_law_coverage_of_b_ci_and_prediction_interval():
   for s in range(100):
     C, y = _power_data(s)
     y_new = 50.0 * c_new ** -b * math.exp(0.1 * np.random.default_rng(1000 + s).standard_normal())
-    f = sf.fit_power_law(C, y, n_boot=200, seed=s)
+    f = power_law.fit_power_law(C, y, n_boot=200, seed=s)
     cover_b += f.b_ci[0] <= b <= f.b_ci[1]
     lo, hi = f.prediction_interval(c_new)
     cover_t += lo <= y_new <= hi
-    lo, hi = sf.fit_power_law(C, y, n_boot=200, seed=s, pi_method="bootstrap").prediction_interval(
-        c_new)
+    boot_fit = power_law.fit_power_law(C, y, n_boot=200, seed=s, pi_method="bootstrap")
+    lo, hi = boot_fit.prediction_interval(c_new)
     cover_boot += lo <= y_new <= hi
     # analytic OLS t interval of the slope, for scale
     x = np.log(C)
@@ -82,8 +84,8 @@ def test_group_bootstrap_is_wider_for_correlated_rows():
   shared = np.repeat(0.15 * rng.standard_normal(8), 4)
   y = 50.0 * C ** -0.2 * np.exp(shared + 0.02 * rng.standard_normal(32))
   groups = np.repeat(np.arange(8), 4)
-  rows = sf.fit_power_law(C, y, n_boot=500)
-  clus = sf.fit_power_law(C, y, n_boot=500, groups=groups)
+  rows = power_law.fit_power_law(C, y, n_boot=500)
+  clus = power_law.fit_power_law(C, y, n_boot=500, groups=groups)
   assert clus.b == rows.b and clus.pi_method == "bootstrap"
   w_rows, w_clus = np.diff(rows.b_ci)[0], np.diff(clus.b_ci)[0]
   assert w_clus > 1.5 * w_rows, (w_rows, w_clus)
@@ -91,7 +93,7 @@ def test_group_bootstrap_is_wider_for_correlated_rows():
 
 def test_power_law_rejects_too_few_sizes():
   with pytest.raises(ValueError, match="distinct C"):
-    sf.fit_power_law([1.0, 1.0, 2.0], [3.0, 2.0, 1.0], offset=True)
+    power_law.fit_power_law([1.0, 1.0, 2.0], [3.0, 2.0, 1.0], offset=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def test_power_law_rejects_too_few_sizes():
 def test_spearman_monotone_is_minus_one_with_point_ci():
   x = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
   y = 100.0 - 10 * np.arange(5)[:, None] + np.array([0.0, 1.0, 2.0])  # 3 seeds, order kept
-  r = sf.spearman_with_ci(x, y, n_boot=500)
+  r = bootstrap.spearman_with_ci(x, y, n_boot=500)
   assert r["rho"] == pytest.approx(-1.0, abs=1e-12)
   assert r["lo"] == pytest.approx(-1.0, abs=1e-12) and r["hi"] == pytest.approx(-1.0, abs=1e-12)
   assert r["per_seed"] == pytest.approx([-1.0] * 3)
@@ -111,7 +113,7 @@ def test_spearman_noisy_ci_contains_rho_and_has_width():
   rng = np.random.default_rng(0)
   x = np.geomspace(1, 100, 8)
   y = -np.log(x)[:, None] + 1.0 * rng.standard_normal((8, 3))
-  r = sf.spearman_with_ci(x, y, n_boot=1000)
+  r = bootstrap.spearman_with_ci(x, y, n_boot=1000)
   assert r["rho"] == pytest.approx(stats.spearmanr(x, y.mean(axis=1)).statistic)
   assert r["lo"] <= r["rho"] <= r["hi"] and r["hi"] - r["lo"] > 0.1 and r["rho"] < -0.5
 
@@ -122,13 +124,13 @@ def test_spearman_missing_runs_and_single_seed():
   y = -x[:, None] + 2.0 * rng.standard_normal((7, 3))
   y[2, 1] = np.nan
   y[5] = np.nan  # a member with no finished run is dropped
-  r = sf.spearman_with_ci(x, y, n_boot=300)
+  r = bootstrap.spearman_with_ci(x, y, n_boot=300)
   keep = np.arange(7) != 5
   assert r["rho"] == pytest.approx(stats.spearmanr(x[keep], np.nanmean(y[keep], axis=1)).statistic)
   ok = keep & np.isfinite(y[:, 1])
   assert r["per_seed"][1] == pytest.approx(stats.spearmanr(x[ok], y[ok, 1]).statistic)
   assert np.isfinite([r["lo"], r["hi"]]).all() and r["lo"] <= r["rho"] <= r["hi"]
-  one = sf.spearman_with_ci(x, y[:, :1])
+  one = bootstrap.spearman_with_ci(x, y[:, :1])
   assert math.isnan(one["lo"]) and math.isnan(one["hi"]) and np.isfinite(one["rho"])
 
 
@@ -140,7 +142,7 @@ def test_frontier_hand_example():
   # (C, y): (2, 9) is beaten by (2, 8) at equal C; (5, 6) by (4, 5); (3, 8) ties (2, 8), not beaten
   C = np.array([5.0, 2.0, 1.0, 3.0, 2.0, 4.0, np.nan])
   y = np.array([6.0, 9.0, 10.0, 8.0, 8.0, 5.0, 1.0])
-  assert sf.frontier(C, y).tolist() == [2, 4, 3, 5]
+  assert power_law.frontier(C, y).tolist() == [2, 4, 3, 5]
 
 
 def test_isoflop_plan_exact_steps():
@@ -163,7 +165,7 @@ def _isoflop_runs(centre=1.0, noise=0.003, seed=0, budgets=(1e8, 1e9, 1e10, 1e11
   t, rng = TRUE, np.random.default_rng(seed)
   rows = []
   for c in budgets:
-    n_opt = float(sf._n_opt([t[k] for k in ("E", "A", "alpha", "B", "beta")], c, 3.0))
+    n_opt = float(isoflop._n_opt([t[k] for k in ("E", "A", "alpha", "B", "beta")], c, 3.0))
     for n in centre * n_opt * np.geomspace(1 / 8, 8, 7):
       d = c / (3 * n)
       loss = t["E"] + t["A"] / n ** t["alpha"] + t["B"] / d ** t["beta"]
@@ -174,7 +176,7 @@ def _isoflop_runs(centre=1.0, noise=0.003, seed=0, budgets=(1e8, 1e9, 1e10, 1e11
 @pytest.fixture(scope="module")
 def centred():
   c, n, d, loss = _isoflop_runs()
-  return sf.isoflop_optimum(c, n, loss, d_R=d, n_boot=100)
+  return isoflop.isoflop_optimum(c, n, loss, d_R=d, n_boot=100)
 
 
 def test_isoflop_parametric_recovers_exponents(centred):
@@ -189,7 +191,7 @@ def test_isoflop_parametric_recovers_exponents(centred):
   assert p["k"] == pytest.approx(3.0)
   t = [TRUE[k] for k in ("E", "A", "alpha", "B", "beta")]
   for row in p["per_budget"]:
-    assert abs(math.log(row["n_opt"] / float(sf._n_opt(t, row["budget"], 3.0)))) < 0.15
+    assert abs(math.log(row["n_opt"] / float(isoflop._n_opt(t, row["budget"], 3.0)))) < 0.15
 
 
 def test_isoflop_parabola_on_centred_grid(centred):
@@ -205,7 +207,7 @@ def test_isoflop_parabola_on_centred_grid(centred):
 def test_isoflop_off_centre_grid_is_flagged(centre):
   # every size is 8x-512x below (or 2x-128x above) the optimum: loss is monotone along the grid
   c, n, d, loss = _isoflop_runs(centre=centre)
-  r = sf.isoflop_optimum(c, n, loss, d_R=d, n_boot=20, method="parabola")
+  r = isoflop.isoflop_optimum(c, n, loss, d_R=d, n_boot=20, method="parabola")
   rows = r["parabola"]["per_budget"]
   assert not any(row["bracketed"] for row in rows)
   assert all(math.isnan(row["n_opt"]) and np.isfinite(row["vertex"]) for row in rows)
@@ -223,7 +225,7 @@ def test_isoflop_drifting_grid_biases_parabola_not_parametric():
   parts = [_isoflop_runs(centre=2.0 ** -i, noise=0.0, budgets=(c,))
            for i, c in enumerate((1e8, 1e9, 1e10, 1e11))]
   c, n, d, loss = np.concatenate(parts, axis=1)
-  r = sf.isoflop_optimum(c, n, loss, d_R=d, n_boot=10)
+  r = isoflop.isoflop_optimum(c, n, loss, d_R=d, n_boot=10)
   assert r["parabola"]["n_budgets"] == 3  # the 8x-off budget is flagged, not used
   assert abs(r["parabola"]["a"] - A_TRUE) > 0.04
   assert abs(r["a"] - A_TRUE) < 1e-4
@@ -234,7 +236,7 @@ def test_isoflop_seeds_and_default_d():
   runs = [_isoflop_runs(seed=s, noise=0.01, budgets=(1e8, 1e9, 1e10)) for s in range(3)]
   c, n, d, loss = np.concatenate(runs, axis=1)
   loss[5] = np.nan  # a failed run is dropped
-  r = sf.isoflop_optimum(c, n, loss, n_boot=60)
+  r = isoflop.isoflop_optimum(c, n, loss, n_boot=60)
   pb = r["parabola"]
   assert r["parametric"]["n"] == len(loss) - 1
   assert pb["n_budgets"] == 3 and abs(pb["a"] - A_TRUE) < 0.05 and pb["boot_valid"] == 1.0
@@ -242,9 +244,9 @@ def test_isoflop_seeds_and_default_d():
   assert abs(r["a"] - A_TRUE) < 0.03 and r["a_ci"][0] < A_TRUE < r["a_ci"][1]
   # D defaults to budget/N: the same fit up to the constant k (here 1 instead of 3)
   assert r["parametric"]["k"] == pytest.approx(1.0)
-  r3 = sf.isoflop_optimum(c, n, loss, d_R=c / (3 * n), n_boot=5)
+  r3 = isoflop.isoflop_optimum(c, n, loss, d_R=c / (3 * n), n_boot=5)
   assert r3["parametric"]["k"] == pytest.approx(3.0)
-  r1 = sf.isoflop_optimum(c, n, loss, n_boot=5)
+  r1 = isoflop.isoflop_optimum(c, n, loss, n_boot=5)
   assert r1["a"] == pytest.approx(r3["a"], abs=1e-6)
   for u, v in zip(r1["parametric"]["per_budget"], r3["parametric"]["per_budget"]):
     assert u["n_opt"] == pytest.approx(v["n_opt"], rel=1e-4)

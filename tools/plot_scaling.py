@@ -3,41 +3,45 @@
   python tools/plot_scaling.py workdir/results.jsonl [more.jsonl ...] --out experiments/cpu_sweep
 
 The figures (the DiT paper's Fig. 8 left and right, Fig. 9, iso-FLOP curves, the prediction check)
-and their statistics are dit_jax.analysis.report's; see its docstring for what is grouped, what is refused
-and what each interval is. Bad input ends with a one-line error, no traceback.
+and their statistics are dit_jax.analysis.report's; see its docstring for what is grouped, what is
+refused and what each interval is. Bad input ends with a one-line error, no traceback.
 """
-import argparse
 import json
-import pathlib
 import sys
 
-# this checkout's dit_jax, not whichever one an editable install points at
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from dit_jax.analysis import report  # noqa: E402
+from absl import app
+from absl import flags
+
+from dit_jax.analysis import report
+
+_OUT = flags.DEFINE_string("out", None, "directory for the figures and results.md", required=True)
+_HOLDOUT = flags.DEFINE_string("holdout", None, "DiT model held out of the law and predicted "
+                               "(default: the DiT of largest final training compute)")
+_NO_HOLDOUT = flags.DEFINE_bool("no-holdout", False, "no prediction check")
+_CI = flags.DEFINE_float("ci", 0.9, "interval level")
+_N_BOOT = flags.DEFINE_integer("n-boot", 1000, "bootstrap replicates")
+_SEED = flags.DEFINE_integer("seed", 0, "bootstrap seed")
+flags.register_multi_flags_validator(
+    ["holdout", "no-holdout"], lambda f: f["holdout"] is None or not f["no-holdout"],
+    message="--holdout and --no-holdout exclude each other")
 
 
-def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("results", nargs="+", help="results.jsonl files (merged; a run may be in several "
-                  "only with the same rows)")
-  ap.add_argument("--out", required=True, help="directory for the figures and results.md")
-  hold = ap.add_mutually_exclusive_group()
-  hold.add_argument("--holdout", default=None, help="DiT model held out of the law and predicted "
-                    "(default: the DiT of largest final training compute)")
-  hold.add_argument("--no-holdout", action="store_true", help="no prediction check")
-  ap.add_argument("--ci", type=float, default=0.9, help="interval level (default 0.9)")
-  ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
-  ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-  args = ap.parse_args(argv)
+def run(paths, out, *, holdout=None, ci=0.9, n_boot=1000, seed=0) -> dict:
+  """report.write of the merged rows of the results.jsonl `paths` (a run may be in several only
+  with the same rows) into `out`; returns the JSON-ready summary. holdout: as report.write's."""
+  return report.write(report.read(paths), out, holdout=holdout, ci=ci, n_boot=n_boot, seed=seed)
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise app.UsageError("give one or more results.jsonl files")
   try:
-    summary = report.write(report.read(args.results), args.out,
-                           holdout=False if args.no_holdout else args.holdout, ci=args.ci,
-                           n_boot=args.n_boot, seed=args.seed)
+    summary = run(argv[1:], _OUT.value, holdout=False if _NO_HOLDOUT.value else _HOLDOUT.value,
+                  ci=_CI.value, n_boot=_N_BOOT.value, seed=_SEED.value)
   except (OSError, ValueError, KeyError) as e:
     sys.exit(f"plot_scaling: {type(e).__name__ + ': ' if isinstance(e, KeyError) else ''}{e}")
   print(json.dumps(summary))
-  return summary
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
