@@ -24,7 +24,7 @@ import numpy as np
 from dit_jax import sharding as sharding_lib
 from dit_jax.objectives.flow import Flow, broadcast_t, shift_sigma, shift_time
 from dit_jax.objectives.diffusion import per_example_normal
-from dit_jax.objectives.sampling import cfg_model_fn, start
+from dit_jax.objectives.sampling import cfg_mix, cfg_model_fn, cond_and_uncond, start
 
 METHODS = ("euler", "heun", "euler_maruyama")
 SCHEDULES = ("uniform", "diffusers")
@@ -259,11 +259,13 @@ def sde_sample(model_fn: Callable, flow: Flow, shape, rng: jax.Array, *, num_ste
 
 def guided_model_fn(model_fn_xty: Callable, flow: Flow, y, null_label, scale: float,
                     interval: Optional[tuple] = None) -> Callable:
-  """Classifier-free guidance on all output channels, only for flow times t in [lo, hi].
+  """Classifier-free guidance (cfg_mix), only for flow times t in [lo, hi].
 
   Guiding the raw output is guiding the velocity: every prediction type converts to a velocity by
-  the same affine map for the conditional and unconditional halves. Outside the interval (no
-  example inside) only the conditional pass runs, via lax.cond.
+  the same affine map for the conditional and unconditional halves. Without an interval this is
+  cfg_model_fn (x's C channels guided; a learned variance, which sampling drops, conditional); with
+  one, every output channel is mixed, and when no example is inside only the conditional pass
+  runs, via lax.cond.
   """
   interval = _check_interval(interval)
   guided = cfg_model_fn(model_fn_xty, y, null_label, scale)
@@ -277,12 +279,8 @@ def guided_model_fn(model_fn_xty: Callable, flow: Flow, y, null_label, scale: fl
     inside_B = (t_model_B >= lo_m) & (t_model_B <= hi_m)
 
     def with_guidance(_):
-      b = x.shape[0]
-      null = jnp.broadcast_to(jnp.asarray(null_label, y.dtype), y.shape)
-      out = model_fn_xty(jnp.concatenate([x, x]), jnp.concatenate([t_model_B, t_model_B]),
-                         jnp.concatenate([y, null]))
-      cond, uncond = out[:b], out[b:]
-      mixed = (uncond + scale * (cond - uncond)).astype(cond.dtype)  # as cfg_model_fn, all channels
+      cond, uncond = cond_and_uncond(model_fn_xty, x, t_model_B, y, null_label)
+      mixed = cfg_mix(cond, uncond, scale)  # all channels, also a learned variance's
       return jnp.where(inside_B.reshape((-1,) + (1,) * (x.ndim - 1)), mixed, cond)
 
     return jax.lax.cond(jnp.any(inside_B), with_guidance,

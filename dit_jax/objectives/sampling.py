@@ -123,6 +123,21 @@ def ddim_sample(model_fn: Callable, diffusion: Diffusion, shape, rng: jax.Array,
   return _sample_loop(step, model_fn, diffusion, shape, rng, x_T, sharding, progressive)
 
 
+def cond_and_uncond(model_fn_xty: Callable, x, t_B, y, null_label) -> tuple:
+  """(conditional, unconditional) outputs of one batched call on [x; x], [t; t], [y; null], null
+  being `null_label` broadcast to y."""
+  b = x.shape[0]
+  null = jnp.broadcast_to(jnp.asarray(null_label, y.dtype), y.shape)
+  out = model_fn_xty(jnp.concatenate([x, x]), jnp.concatenate([t_B, t_B]),
+                     jnp.concatenate([y, null]))
+  return out[:b], out[b:]
+
+
+def cfg_mix(cond, uncond, scale):
+  """Classifier-free guidance's mixing rule, uncond + scale * (cond - uncond), in cond's dtype."""
+  return (uncond + scale * (cond - uncond)).astype(cond.dtype)
+
+
 def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: int | None = None
                  ) -> Callable:
   """Classifier-free guidance as a `model_fn(x, t)`: uncond + scale * (cond - uncond).
@@ -148,15 +163,12 @@ def cfg_model_fn(model_fn_xty: Callable, y, null_label, scale, guide_channels: i
       raise ValueError(f"guide_channels={guide_channels} outside [1, {c}]: only the C = {c} "
                        "prediction channels (x's channels) can be guided, not the learned variance")
     n = c if guide_channels is None else int(guide_channels)
-    null = jnp.broadcast_to(jnp.asarray(null_label, y.dtype), y.shape)
-    out = model_fn_xty(jnp.concatenate([x, x]), jnp.concatenate([t_B, t_B]),
-                       jnp.concatenate([y, null]))
-    if out.shape[-1] not in (c, 2 * c):
-      raise ValueError(f"model output has {out.shape[-1]} channels; expected {c} (the "
+    cond, uncond = cond_and_uncond(model_fn_xty, x, t_B, y, null_label)
+    if cond.shape[-1] not in (c, 2 * c):
+      raise ValueError(f"model output has {cond.shape[-1]} channels; expected {c} (the "
                        f"prediction) or {2 * c} (prediction and learned variance) for x's {c}")
-    cond, uncond = out[:b], out[b:]
-    mixed = uncond[..., :n] + scale * (cond[..., :n] - uncond[..., :n])
-    return jnp.concatenate([mixed.astype(cond.dtype), cond[..., n:]], axis=-1)
+    mixed = cfg_mix(cond[..., :n], uncond[..., :n], scale)
+    return jnp.concatenate([mixed, cond[..., n:]], axis=-1)
 
   return guided
 
