@@ -64,18 +64,46 @@ def create_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Optional[Sequence[An
               axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  """Number of batch shards: the product of the data and fsdp axis sizes."""
-  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+def device_mesh() -> Mesh:
+  """A 1-D mesh over all devices, its one axis `data`: the default of the functions below."""
+  return Mesh(np.array(jax.devices()), ("data",))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch dimension split over (data, fsdp), the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def _batch_axes(mesh: Optional[Mesh], axes) -> tuple:
+  """(mesh, axes) with mesh None read as device_mesh() and its "data" axis; axes must exist."""
+  if mesh is None:
+    mesh, axes = device_mesh(), "data"
+  for a in (axes,) if isinstance(axes, str) else tuple(axes):
+    if a not in mesh.shape:
+      raise ValueError(f"mesh has axes {tuple(mesh.shape)}, not the data axis {a!r}")
+  return mesh, axes
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+def data_parallel_size(mesh: Optional[Mesh] = None, axes=BATCH_AXES) -> int:
+  """Number of batch shards: the product of the sizes of `axes` (a name or a tuple of names);
+  mesh None: the number of devices."""
+  mesh, axes = _batch_axes(mesh, axes)
+  return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
+def batch_sharding(mesh: Optional[Mesh] = None, axes=BATCH_AXES) -> NamedSharding:
+  """The leading (batch) dimension split over `axes` of `mesh`, any further ones replicated, so
+  one sharding fits [B], [B, L] and [B, H, W, C] arrays; mesh None: split over all devices."""
+  mesh, axes = _batch_axes(mesh, axes)
+  return NamedSharding(mesh, P(axes))
+
+
+def leading_axis(sharding):
+  """`sharding` kept only on the leading (batch) dimension: for the [B] or [B, L] companions of
+  a [B, H, W, C] batch. Only a NamedSharding has dimensions to drop; others come back as given."""
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, P(sharding.spec[0] if len(sharding.spec) else None))
+  return sharding
+
+
+def replicated(mesh: Optional[Mesh] = None) -> NamedSharding:
+  """Every device of `mesh` (None: of all devices) holds the whole array."""
+  return NamedSharding(device_mesh() if mesh is None else mesh, P())
 
 
 def check_batch(global_batch_size: int, mesh: Mesh) -> None:

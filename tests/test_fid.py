@@ -9,10 +9,10 @@ from pytorch_fid import fid_score
 from sklearn.neighbors import NearestNeighbors
 
 from dit_jax.data import datasets
+from dit_jax.data import images as images_lib
 from dit_jax.evaluation import evaluators
 from dit_jax.evaluation import feature_net
 from dit_jax.evaluation import fid
-from dit_jax.evaluation import images as images_lib
 
 
 def _correlated(rng, n, d, shift=0.0):

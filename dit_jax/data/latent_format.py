@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dit_jax import files
+from dit_jax.data import images as images_lib
 
 LATENTS_FORMAT = "dit_jax.latents.v1"
 
@@ -98,7 +99,7 @@ def write_latents(source, encode_fn, directory, *, shard_size: int, batch_size: 
       x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(idx), axis=0)])
       variants = []
       for flip in (False, True)[:meta["flips"]]:
-        xf = (x[:, :, ::-1] if flip else x).astype(np.float32) / 127.5 - 1.0
+        xf = images_lib.to_unit_range(x[:, :, ::-1] if flip else x)
         mean, logvar = encode_fn(xf)
         variants.append(np.concatenate([np.asarray(mean), np.asarray(logvar)], -1)[:len(idx)])
       block = np.stack(variants, axis=1).astype(dtype)

@@ -16,14 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import sharding as sharding_lib
+from dit_jax.data import images as images_lib
 from dit_jax.data import sources
-
-
-def _batch_sharding_for_labels(sharding):
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    spec = sharding.spec[0] if len(sharding.spec) else None
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec))
-  return sharding
 
 
 class Pipeline:
@@ -49,7 +44,7 @@ class Pipeline:
     except ValueError as e:
       raise ValueError(f"global_batch_size={global_batch_size} does not split evenly over the "
                        f"batch sharding {sharding}: {e}") from e
-    self.sharding, self.label_sharding = sharding, _batch_sharding_for_labels(sharding)
+    self.sharding, self.label_sharding = sharding, sharding_lib.leading_axis(sharding)
     # This process's rows: the bounding range of its devices' batch slices.
     slices = [idx[0] for idx in sharding.addressable_devices_indices_map(self._host_shape).values()]
     self.local_start = min(s.start or 0 for s in slices)
@@ -60,10 +55,7 @@ class Pipeline:
       self._to_device = jax.jit(
           lambda m, step: _sample_latents(m, step, seed, scale), out_shardings=sharding)
     else:
-      self._to_device = jax.jit(
-          # clip: XLA may multiply by 1/127.5, which overshoots 1.0 by an ulp
-          lambda x, step: jnp.clip(x.astype(jnp.float32) / 127.5 - 1.0, -1.0, 1.0),
-          out_shardings=sharding)
+      self._to_device = jax.jit(lambda x, step: images_lib.to_unit_range(x), out_shardings=sharding)
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._perms:

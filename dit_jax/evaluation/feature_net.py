@@ -19,6 +19,8 @@ import optax
 from flax import traverse_util
 
 from dit_jax import files
+from dit_jax import sharding as sharding_lib
+from dit_jax.data import images as images_lib
 from dit_jax.data import sources
 
 Dtype = Any
@@ -33,7 +35,7 @@ class FeatureNet(nn.Module):
 
   @nn.compact
   def __call__(self, images_NxHxWxC, train: bool = False):
-    x = images_NxHxWxC.astype(self.dtype) / 127.5 - 1.0
+    x = images_lib.to_unit_range(images_NxHxWxC, self.dtype, clip=False)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     for i, width in enumerate(self.widths):
       # Every stage, the first included, halves the resolution: 3x cheaper to train on CPU than a
@@ -199,9 +201,7 @@ def make_feature_fn(variables, meta, dtype: Dtype = jnp.float32) -> Callable[[ja
   expected = tuple(meta["image_shape"])
   apply = jax.jit(lambda v, x: model.apply(v, x))
   weights_key = files.content_hash(jax.device_get(variables))
-  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("d",)),
-                                          jax.sharding.PartitionSpec())
-  variables = jax.device_put(variables, replicated)
+  variables = jax.device_put(variables, sharding_lib.replicated())
 
   def feature_fn(images):
     if tuple(images.shape[1:]) != expected:

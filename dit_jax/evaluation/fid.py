@@ -10,7 +10,6 @@ batches (mu, sigma, mu_s, sigma_s, arr_0) are read as they are.
 import dataclasses
 import hashlib
 import functools
-import math
 import pathlib
 import warnings
 from typing import Any, Callable
@@ -22,8 +21,9 @@ from absl import logging
 from scipy import linalg
 from tqdm.auto import tqdm
 
-from dit_jax.evaluation import feature_net
 from dit_jax import files
+from dit_jax import sharding as sharding_lib
+from dit_jax.evaluation import feature_net
 from dit_jax.evaluation import inception
 
 FeatureFn = Callable[[jax.Array], dict]
@@ -234,24 +234,13 @@ def cached_reference(cache_dir, dataset: str, split: str, image_size: int, featu
   return ref
 
 
-def data_sharding(mesh=None, data_axis: Any = "data"):
-  """(NamedSharding splitting the batch over `data_axis` of `mesh`, number of shards)."""
-  if mesh is None:
-    mesh, data_axis = jax.sharding.Mesh(np.array(jax.devices()), ("data",)), "data"
-  axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
-  for a in axes:
-    if a not in mesh.shape:
-      raise ValueError(f"mesh has axes {tuple(mesh.shape)}, not the data axis {a!r}")
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(data_axis))
-  return sharding, math.prod(mesh.shape[a] for a in axes)
-
-
 def extract_features(feature_fn: FeatureFn, images_u8: np.ndarray, batch_size: int = 250, mesh=None,
                      data_axis: Any = "data", desc: str = "features") -> dict:
   """Features of uint8 host images, batches sharded over the mesh's data axis (last batch padded)."""
   if images_u8.dtype != np.uint8 or images_u8.ndim != 4:
     raise ValueError(f"expected uint8 NHWC images, got {images_u8.dtype} {images_u8.shape}")
-  sharding, num_shards = data_sharding(mesh, data_axis)
+  sharding = sharding_lib.batch_sharding(mesh, data_axis)
+  num_shards = sharding_lib.data_parallel_size(mesh, data_axis)
   batch_size = max(num_shards, batch_size // num_shards * num_shards)
   out = {}
   quiet = logging.get_verbosity() < logging.INFO  # a quiet sweep prints its own progress only

@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from dit_jax import files
+from dit_jax import sharding as sharding_lib
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -354,8 +355,6 @@ def make_feature_fn(params, dtype: Dtype = jnp.float32) -> Callable[[jax.Array],
   """Jitted uint8 NHWC -> dict(pool, spatial, logits); params are an argument, not constants."""
   model = InceptionV3(dtype=dtype)
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  # Replicated on every device so that batches sharded over any mesh of them can be fed in.
-  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("d",)),
-                                          jax.sharding.PartitionSpec())
-  params = jax.device_put(params, replicated)
+  # Replicated on every device, so that batches split over all of them can be fed in.
+  params = jax.device_put(params, sharding_lib.replicated())
   return lambda images: apply(params, images)

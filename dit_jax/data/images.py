@@ -1,5 +1,7 @@
-"""Images out of the model: the one quantisation rule and PNG grids.
+"""The pixel encoding both ways, and PNG grids.
 
+uint8 pixels become model inputs in [-1, 1] by `to_unit_range`, x / 127.5 - 1: the training
+pipeline, the validation loss, the latent extraction and the CNN feature network all use it.
 Samples in [-1, 1] become uint8 as DiT's `sample_ddp.py` and ADM save them:
 floor(clip(127.5 x + 128, 0, 255)). Every path that turns samples into pixels (FID, grids, tools)
 uses `quantize`, so a grid shows exactly the pixels the feature network scored.
@@ -9,6 +11,18 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def to_unit_range(images_u8, dtype=np.float32, clip: bool = True):
+  """uint8 pixels -> [-1, 1] in `dtype`: x / 127.5 - 1, computed by the array's own library
+  (numpy in, numpy out; a jax array or tracer in, jax out).
+
+  clip: clamp to [-1, 1]. Under jit XLA may compute x * (1 / 127.5), which puts 255 an ulp above
+  1.0; in numpy float32 every value is in range already, so clipping changes nothing there.
+  """
+  xp = np if isinstance(images_u8, np.ndarray) else jnp
+  x = images_u8.astype(dtype) / 127.5 - 1.0
+  return xp.clip(x, -1.0, 1.0) if clip else x
 
 
 def quantize(images: jax.Array) -> jax.Array:
