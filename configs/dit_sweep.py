@@ -15,9 +15,22 @@ FID-50K with 250 DDPM steps and no guidance; `sweep.seeds` and `sweep.budgets` f
 and 'cifar10' (tfds, or local files via --config.data.path), 'folder' (a class-folder dataset at
 --config.data.path).
 """
+import importlib.util
+import pathlib
+
 import ml_collections
 
-from configs import default
+
+def _sibling(name: str):
+  """configs/<name>.py by path, so this file loads from any working directory or script."""
+  spec = importlib.util.spec_from_file_location(f"configs.{name}",
+                                                pathlib.Path(__file__).with_name(f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+default = _sibling("default")
 
 PRESETS = ("", "cpu", "cpu1", "isoflop", "flow_vs_ddpm", "paper", "mnist", "cifar10", "folder")
 
