@@ -14,23 +14,10 @@ import optax
 from clu import metric_writers
 
 from dit_jax import sharding as sharding_lib
+from dit_jax.training import hardware
 
-# Dense peak FLOP/s per chip for MFU, by jax device_kind substring (bf16 unless noted).
-PEAK_TFLOPS = (
-    ("H200", 989.0), ("H100", 989.0), ("A100", 312.0),
-    ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5", 197.0), ("TPU v4", 275.0), ("TPU v3", 123.0),
-)
-
-
-def peak_flops_per_device(configured_tflops: float) -> float:
-  """Configured peak FLOP/s per device, else looked up by device kind (0 if unknown)."""
-  if configured_tflops > 0:
-    return configured_tflops * 1e12
-  kind = jax.devices()[0].device_kind
-  for name, tflops in PEAK_TFLOPS:
-    if name.lower() in kind.lower():
-      return tflops * 1e12
-  return 0.0
+# MFU's denominator: hardware.py's peak-FLOP/s table (jax only, shared with the benchmarks).
+peak_flops_per_device = hardware.peak_flops_per_device
 
 
 class JsonlWriter(metric_writers.MetricWriter):
