@@ -12,7 +12,7 @@ from jax import lax
 
 from dit_jax.models import attention, dense_dot, dit
 from dit_jax.objectives import diffusion
-from tools import bench_train
+from tests.helpers import load_tool
 
 
 def _rand(key, shape, dtype=jnp.float32):
@@ -115,7 +115,7 @@ def test_bench_torch_loss_matches_dit_jax():
   want = diff.training_losses(lambda x_t, _: jnp.asarray(out), jnp.asarray(x0), jnp.asarray(t),
                               jnp.asarray(noise))
   nchw = lambda a: torch.tensor(np.ascontiguousarray(np.moveaxis(a, -1, 1)))
-  fn = bench_train.TorchHybridLoss(diff)
+  fn = load_tool("bench_train").TorchHybridLoss(diff)
   tt = torch.tensor(t, dtype=torch.long)
   x_t = fn.q_sample(nchw(x0), tt, nchw(noise))
   np.testing.assert_allclose(np.moveaxis(x_t.numpy(), 1, -1), diff.q_sample(x0, t, noise),

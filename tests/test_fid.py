@@ -224,14 +224,8 @@ def test_evaluator_with_real_images_as_samples(mnist_net):
 
 @pytest.mark.slow
 def test_train_feature_net_tool_on_digits(tmp_path, capsys):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      "train_feature_net", pathlib.Path(__file__).parents[1] / "tools" / "train_feature_net.py")
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
-  meta = tool.main(["--dataset", "digits", "--image_size", "16", "--steps", "100",
-                    "--cache_dir", str(tmp_path)])
+  from tests.helpers import load_tool  # pylint: disable=g-import-not-at-top
+  meta = load_tool("train_feature_net").run("digits", 16, steps=100, cache_dir=str(tmp_path))
   assert "digits_cnn: test accuracy" in capsys.readouterr().out
   assert meta["test_accuracy"] > 0.8 and meta["image_shape"] == [16, 16, 1]
   logged = []

@@ -10,12 +10,11 @@ from dit_jax import files
 from dit_jax.sweep import runner as sweep
 from dit_jax.training import train
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import dit_sweep  # noqa: E402
+from configs import dit_sweep
+from tests.helpers import load_tool
 
-sys.path.insert(0, str(ROOT / "tools"))
-import plot_scaling  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+plot_scaling = load_tool("plot_scaling")
 
 
 # Two DiT-Pico members (patch 8 and 4) on 8x8 digits, 4 steps, FID-32 at steps 2 and 4.

@@ -1,4 +1,4 @@
-r"""Input-pipeline throughput: images/s of Pipeline.batch for each source, and VAE latent extraction.
+r"""Input-pipeline throughput: images/s of Pipeline.batch per source, and VAE latent extraction.
 
   python tools/bench_data.py --shared_data=/work/shared/data [--batch_size=256 --steps=20]
 
@@ -89,7 +89,7 @@ def main(argv):
       _cfg(name="mnist", path=str(shared / "mnist"), split="test", image_size=28)))
   cifar_cfg = _cfg(name="cifar10", path=str(shared / "cifar10_test_jpg"), split="test",
                    image_size=32)
-  cifar = add("cifar10 JPEG folder, decoded once (32)", lambda: sources.create_source(cifar_cfg))
+  add("cifar10 JPEG folder, decoded once (32)", lambda: sources.create_source(cifar_cfg))
   add("cifar10 JPEG folder, lazy decode (32)", lambda: sources.create_source(
       _cfg(**{**cifar_cfg.to_dict(), "max_in_memory_gb": 0.0})))
   add("cifar10 JPEG folder, lazy decode + ADM resize (256)", lambda: sources.create_source(

@@ -4,13 +4,14 @@
   python tools/bench_gpu.py --tiny          # CPU dry run of the same code path (seconds)
 
 Sized for one H100 within 8 minutes: per (model, attention) one compile and 3 + 15 timed steps.
-Imports only jax, flax, optax, numpy and dit_jax's pure modules (no ml_collections, clu, tensorflow:
-the device machine does not have them; importing any of them here fails on purpose).
-MFU = 6 x paper Gflops (MACs/image) x images/s / peak; the peak is the card's dense bf16 number
-(H100/H200 SXM: 989 TFLOP/s). A measured large bf16 matmul rate is printed alongside.
+Imports only jax, flax, optax, numpy, absl (optax's dependency) and dit_jax's pure modules (no
+ml_collections, clu, tensorflow: the device machine does not have them; importing any of them here
+fails on purpose). MFU = 2 FLOPs per MAC x the paper's training compute (flops.training_gflops:
+3 x forward Gflops (MACs/image) x images/s) / peak; the peak is the card's dense bf16 number from
+dit_jax.training.hardware (H100/H200 SXM: 989 TFLOP/s). A measured large bf16 matmul rate is
+printed alongside.
 Results: a table on stdout and JSON in $OUT/bench_gpu.json (or --json).
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -34,24 +35,31 @@ class _Block:
 
 sys.meta_path.insert(0, _Block())
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from dit_jax.objectives import diffusion as diffusion_lib  # noqa: E402
-from dit_jax import sharding as sharding_lib  # noqa: E402
+from dit_jax import benchmarking  # noqa: E402
 from dit_jax import models  # noqa: E402
+from dit_jax import sharding as sharding_lib  # noqa: E402
+from dit_jax.training import hardware  # noqa: E402
 from dit_jax.training import train_step  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+FLAGS = flags.FLAGS
+flags.DEFINE_string("runs", "DiT-XL/2:64,DiT-B/2:256",
+                    "model:batch pairs (global batch on the one device).")
+flags.DEFINE_string("attention", "xla,cudnn", "Attention implementations to time.")
+flags.DEFINE_integer("input_size", 32, "Latent side.")
+flags.DEFINE_bool("remat", False, "Recompute block activations in the backward pass.")
+flags.DEFINE_integer("steps", 15, "Timed steps (median reported).")
+flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
+flags.DEFINE_bool("tiny", False, "CPU dry run: 2-block width-64 models, 8x8, batch 4, 1 + 2 steps.")
+flags.DEFINE_string("json", "", "Where to write results (default $OUT/bench_gpu.json).")
 
 
 def peak_tflops() -> float:
-  kind = jax.devices()[0].device_kind
-  return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), 0.0)
+  return hardware.peak_tflops(jax.devices()[0].device_kind)
 
 
 def matmul_tflops(n: int, dtype=jnp.bfloat16, repeats: int = 10) -> float:
@@ -66,38 +74,29 @@ def matmul_tflops(n: int, dtype=jnp.bfloat16, repeats: int = 10) -> float:
   return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
-def run_one(name, batch, attention, args) -> dict:
+def run_one(name, batch, attention, input_size, steps, warmup, tiny_shape) -> dict:
   """Compile and time the trainer's train_step for one (model, batch, attention)."""
-  model = models.build(name, input_size=args.input_size, in_channels=4, num_classes=1000,
-                         scan_layers=True, remat=args.remat, attention_impl=attention,
-                         dtype=jnp.bfloat16, param_dtype=jnp.float32)
-  if args.tiny_shape:  # --tiny: shrink the named model
-    model = dataclasses.replace(model, **args.tiny_shape)
-  tx = optax.adamw(1e-4, weight_decay=0.0)
+  model = models.build(name, input_size=input_size, in_channels=4, num_classes=1000,
+                       scan_layers=True, remat=FLAGS.remat, attention_impl=attention,
+                       dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  if tiny_shape:  # --tiny: shrink the named model
+    model = dataclasses.replace(model, **tiny_shape)
   mesh = sharding_lib.create_mesh((-1, 1, 1))
   sharding_lib.check_batch(batch, mesh)
-  state, shardings = train_step.create_train_state(model, tx, mesh, seed=0)
-  step = train_step.jit_train_step(model, diffusion_lib.create(), tx, mesh, shardings, ema_decay=0.9999)
-  bs = train_step.batch_shardings(mesh)
-  rng = np.random.default_rng(0)
-  data = jax.device_put(dict(
-      image=rng.standard_normal((batch, model.input_size, model.input_size, 4)).astype(np.float32),
-      label=rng.integers(0, 1000, batch).astype(np.int32)), bs)
+  tx, step = benchmarking.trainer_step(model, mesh)
+  state, _ = train_step.create_train_state(model, tx, mesh, seed=0)
+  data = jax.device_put(benchmarking.random_batch(batch, model.input_size, 4),
+                        train_step.batch_shardings(mesh))
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(args.warmup + args.steps):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics["loss"])
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t0)
+  state, metrics, times = benchmarking.time_steps(lambda s: compiled(s, data), state, steps=steps,
+                                                  warmup=warmup)
   step_s = statistics.median(times)
   gflops = models.gflops(model)
   out = dict(model=name, batch=batch, attention=attention, compile_s=round(compile_s, 1),
              step_ms=round(1e3 * step_s, 2), images_s=round(batch / step_s, 1),
-             tflop_s=round(6 * gflops * batch / step_s / 1e3, 1),
+             tflop_s=round(benchmarking.train_step_flops(gflops, batch) / step_s / 1e12, 1),
              loss=float(metrics["loss"]), gflops=round(gflops, 3))
   peak = peak_tflops()
   if peak:
@@ -105,27 +104,18 @@ def run_one(name, batch, attention, args) -> dict:
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     out["peak_gib"] = round(stats["peak_bytes_in_use"] / 2 ** 30, 2)
-  del state, compiled
   return out
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--runs", default="DiT-XL/2:64,DiT-B/2:256",
-                 help="model:batch pairs (global batch on the one device)")
-  p.add_argument("--attention", default="xla,cudnn")
-  p.add_argument("--input_size", type=int, default=32)
-  p.add_argument("--remat", action="store_true")
-  p.add_argument("--steps", type=int, default=15)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--tiny", action="store_true", help="CPU dry run: 2-block width-64 models, 8x8")
-  p.add_argument("--json", default="", help="where to write results (default $OUT/bench_gpu.json)")
-  args = p.parse_args()
-  args.tiny_shape = {}
-  if args.tiny:
-    args.input_size, args.steps, args.warmup = 8, 2, 1
-    args.tiny_shape = dict(depth=2, hidden_size=64, num_heads=2)
-    args.runs = ",".join(f"{r.split(':')[0]}:4" for r in args.runs.split(","))
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  runs, input_size, steps, warmup, tiny_shape = (FLAGS.runs, FLAGS.input_size, FLAGS.steps,
+                                                 FLAGS.warmup, {})
+  if FLAGS.tiny:
+    input_size, steps, warmup = 8, 2, 1
+    tiny_shape = dict(depth=2, hidden_size=64, num_heads=2)
+    runs = ",".join(f"{r.split(':')[0]}:4" for r in runs.split(","))
 
   dev = jax.devices()[0]
   print(f"jax {jax.__version__}, {jax.device_count()} x {dev.device_kind} ({dev.platform}), "
@@ -135,11 +125,11 @@ def main():
     results["matmul_bf16_tflops_8192"] = round(matmul_tflops(8192), 1)
     print(f"bf16 matmul 8192^3: {results['matmul_bf16_tflops_8192']} TFLOP/s", flush=True)
   t_start = time.perf_counter()
-  for run in args.runs.split(","):
+  for run in runs.split(","):
     name, batch = run.split(":")
-    for attention in args.attention.split(","):
+    for attention in FLAGS.attention.split(","):
       try:
-        r = run_one(name, int(batch), attention, args)
+        r = run_one(name, int(batch), attention, input_size, steps, warmup, tiny_shape)
       except Exception as e:  # pylint: disable=broad-except
         # e.g. cudnn attention on a CPU dry run, or out of memory: record and go on
         r = dict(model=name, batch=int(batch), attention=attention,
@@ -149,15 +139,14 @@ def main():
   results["total_s"] = round(time.perf_counter() - t_start, 1)
   cols = ["model", "batch", "attention", "compile_s", "step_ms", "images_s", "tflop_s", "mfu",
           "peak_gib", "error"]
-  print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-  for r in results["runs"]:
-    print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
-  out = args.json or (os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT")
-                      else "")
+  print("\n" + benchmarking.markdown_table(results["runs"], cols,
+                                            fmt=lambda v: "-" if v is None else str(v)))
+  out = FLAGS.json or (os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT")
+                       else "")
   if out:
     pathlib.Path(out).write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

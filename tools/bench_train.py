@@ -3,122 +3,98 @@
   python tools/bench_train.py --models=DiT-S/8,DiT-S/4,DiT-S/2 --batch=8 --torch --matmul
   python tools/bench_train.py --models=DiT-XL/2 --scan --compile_only     # compile time only
 
-JAX: the real `train_step.train_step` (AdamW, EMA, the hybrid MSE+VLB loss, non-finite guard), jitted
-with the trainer's shardings on a (data, fsdp, tensor) mesh. --torch: the same model in PyTorch
-(diffusers' DiTTransformer2DModel, fp32, `torch.set_num_threads(--threads)`) with the step of
-facebookresearch/DiT's train.py (ADM's hybrid loss with learned Sigma, `TorchHybridLoss`; AdamW;
+JAX: the real `train_step.train_step` (AdamW, EMA, the hybrid MSE+VLB loss, non-finite guard),
+jitted with the trainer's shardings on a (data, fsdp, tensor) mesh. --torch: the same model in
+PyTorch (diffusers' DiTTransformer2DModel, fp32, `torch.set_num_threads(--threads)`) with the step
+of facebookresearch/DiT's train.py (ADM's hybrid loss with learned Sigma, `TorchHybridLoss`; AdamW;
 per-parameter EMA), and the jax/torch speed ratio. --matmul: this machine's fp32 numpy matmul rate
-on 4096^2 matrices, the yardstick for achieved GFLOP/s. FLOPs per step = 6 x paper Gflops (MACs) x batch.
+on 4096^2 matrices, the yardstick for achieved GFLOP/s. FLOPs per step = 2 x the paper's training
+compute (flops.training_gflops: 3 x forward Gflops (MACs) x batch). MFU's peak per device is
+--peak_tflops, else dit_jax.training.hardware's table for the device (none on CPU: no MFU column).
+Shared code (shape flags, inputs, timing, the matmul rate): dit_jax.benchmarking.
 """
-import argparse
 import math
 import os
 import resource
 import statistics
-import sys
 import time
 
-import pathlib
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from dit_jax import benchmarking
+from dit_jax import models
+from dit_jax import sharding as sharding_lib
+from dit_jax.models import flops as flops_lib
+from dit_jax.objectives import diffusion as diffusion_lib
+from dit_jax.training import hardware
+from dit_jax.training import train_step
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from dit_jax.objectives import diffusion as diffusion_lib  # noqa: E402
-from dit_jax.models import flops as flops_lib  # noqa: E402
-from dit_jax import sharding as sharding_lib  # noqa: E402
-from dit_jax import models  # noqa: E402
-from dit_jax.training import train_step  # noqa: E402
-
-
-def matmul_gflops(n=4096, repeats=5) -> float:
-  """fp32 numpy matmul rate (GFLOP/s, best of `repeats`) on n x n matrices."""
-  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-  b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
-  a @ b
-  best = min(_timed(lambda: a @ b) for _ in range(repeats))
-  return 2 * n ** 3 / best / 1e9
-
-
-def _timed(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
-
-
-def add_shape_args(p, model="DiT-S/2"):
-  """The benchmarks' shared flags: --model (one; None for none), --batch and the latent shape."""
-  if model:
-    p.add_argument("--model", default=model)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--input_size", type=int, default=32, help="latent side (256 px images: 32)")
-  p.add_argument("--in_channels", type=int, default=4)
+FLAGS = flags.FLAGS
+flags.DEFINE_string("models", "DiT-S/8,DiT-S/4,DiT-S/2", "Comma-separated model names.")
+benchmarking.define_shape_flags(model=None)
+flags.DEFINE_string("mesh", "-1,1,1", "data,fsdp,tensor sizes.")
+flags.DEFINE_string("dtype", "float32", "Compute dtype (params stay float32).")
+flags.DEFINE_string("attention", "", "'' / xla / cudnn.")
+flags.DEFINE_bool("scan", False, "Scan over layers.")
+flags.DEFINE_bool("remat", False, "Recompute block activations in the backward pass.")
+flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
+flags.DEFINE_bool("compile_only", False, "Only compile (time and XLA buffer sizes).")
+flags.DEFINE_bool("torch", False, "Also time diffusers' DiT in PyTorch.")
+flags.DEFINE_integer("threads", 2, "PyTorch intra-op threads.")
+flags.DEFINE_bool("matmul", False, "Measure the numpy fp32 matmul rate.")
+flags.DEFINE_float("peak_tflops", 0.0,
+                   "Per-device peak for MFU (0: dit_jax.training.hardware's table, if it knows the "
+                   "device).")
 
 
-def random_inputs(args):
-  """(x, noise, y, t) for one batch of args' shape, seeded: the same in every benchmark."""
-  shape = (args.batch, args.input_size, args.input_size, args.in_channels)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(shape, np.float32))
-  noise = jnp.asarray(rng.standard_normal(shape, np.float32))
-  y = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32)
-  t = jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32)
-  return x, noise, y, t
-
-
-def build(name, args):
-  depth = dict(depth=args.depth) if getattr(args, "depth", 0) else {}
-  model = models.build(name, input_size=args.input_size, in_channels=args.in_channels,
-                         num_classes=1000, scan_layers=args.scan, remat=args.remat, **depth,
-                         attention_impl=args.attention or None,
-                         dtype=models.dtype_of(args.dtype), param_dtype=jnp.float32)
-  tx = optax.adamw(1e-4, weight_decay=0.0)
-  mesh = sharding_lib.create_mesh(tuple(int(v) for v in args.mesh.split(",")))
-  sharding_lib.check_batch(args.batch, mesh)
-  step = train_step.jit_train_step(model, diffusion_lib.create(), tx, mesh,
-                              train_step.state_shardings(model, tx, mesh)[1], ema_decay=0.9999)
+def build(name):
+  """(model, tx, mesh, jitted step) of the trainer for one model at the flags' settings."""
+  model = models.build(name, input_size=FLAGS.input_size, in_channels=FLAGS.in_channels,
+                       num_classes=1000, scan_layers=FLAGS.scan, remat=FLAGS.remat,
+                       attention_impl=FLAGS.attention or None,
+                       dtype=models.dtype_of(FLAGS.dtype), param_dtype=jnp.float32)
+  mesh = sharding_lib.create_mesh(tuple(int(v) for v in FLAGS.mesh.split(",")))
+  sharding_lib.check_batch(FLAGS.batch, mesh)
+  tx, step = benchmarking.trainer_step(model, mesh)
   return model, tx, mesh, step
 
 
-def bench_jax(name, args) -> dict:
+def bench_jax(name) -> dict:
   """Compile and time the trainer's step for one model."""
-  model, tx, mesh, step = build(name, args)
+  model, tx, mesh, step = build(name)
+  batch_size = FLAGS.batch
   abstract, shardings = train_step.state_shardings(model, tx, mesh)
   bs = train_step.batch_shardings(mesh)
-  shape = (args.batch, args.input_size, args.input_size, args.in_channels)
+  shape = benchmarking.image_shape(batch_size, FLAGS.input_size, FLAGS.in_channels)
   batch_abs = dict(image=jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bs["image"]),
-                   label=jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=bs["label"]))
+                   label=jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=bs["label"]))
   state_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                            abstract, shardings)
   t0 = time.perf_counter()
   lowered = step.lower(state_abs, batch_abs)
   compiled = lowered.compile()
-  out = dict(model=name, batch=args.batch, compile_s=time.perf_counter() - t0,
+  out = dict(model=name, batch=batch_size, compile_s=time.perf_counter() - t0,
              gflops=models.gflops(model), params_m=flops_lib.count_params(abstract.params) / 1e6)
   mem = compiled.memory_analysis()
   if mem is not None:
     out["mem_gib"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                       + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2 ** 30
-  if args.compile_only:
+  if FLAGS.compile_only:
     return out
   state, _ = train_step.create_train_state(model, tx, mesh, seed=0)
-  rng = np.random.default_rng(0)
-  batch = jax.device_put(dict(
-      image=rng.standard_normal(shape).astype(np.float32),
-      label=rng.integers(0, 1000, args.batch).astype(np.int32)), bs)
-  times = []
-  for i in range(args.warmup + args.steps):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics["loss"])
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t0)
+  batch = jax.device_put(
+      benchmarking.random_batch(batch_size, FLAGS.input_size, FLAGS.in_channels), bs)
+  _, _, times = benchmarking.time_steps(lambda s: compiled(s, batch), state,
+                                        steps=FLAGS.steps, warmup=FLAGS.warmup)
   out["step_ms"] = 1e3 * statistics.median(times)
-  out["images_s"] = args.batch / (out["step_ms"] / 1e3)
-  out["gflop_s"] = 6 * out["gflops"] * args.batch / (out["step_ms"] / 1e3)
+  out["images_s"] = batch_size / (out["step_ms"] / 1e3)
+  out["gflop_s"] = benchmarking.train_step_flops(out["gflops"], batch_size) / 1e9 / (
+      out["step_ms"] / 1e3)
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     out["peak_gib"] = stats["peak_bytes_in_use"] / 2 ** 30
@@ -140,7 +116,8 @@ class TorchHybridLoss:
     import torch  # pylint: disable=g-import-not-at-top
     self.torch = torch
     tab = lambda name: torch.tensor(np.asarray(getattr(diffusion, name)), dtype=torch.float32)
-    self.sqrt_abar, self.sqrt_1m_abar = tab("sqrt_alphas_cumprod"), tab("sqrt_one_minus_alphas_cumprod")
+    self.sqrt_abar = tab("sqrt_alphas_cumprod")
+    self.sqrt_1m_abar = tab("sqrt_one_minus_alphas_cumprod")
     self.recip, self.recipm1 = tab("sqrt_recip_alphas_cumprod"), tab("sqrt_recipm1_alphas_cumprod")
     self.coef1, self.coef2 = tab("posterior_mean_coef1"), tab("posterior_mean_coef2")
     self.post_logvar, self.log_betas = tab("posterior_log_variance_clipped"), tab("log_betas")
@@ -187,7 +164,7 @@ class TorchHybridLoss:
                        torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def bench_torch(name, args) -> dict:
+def bench_torch(name) -> dict:
   """facebookresearch/DiT's train.py step on diffusers' DiTTransformer2DModel, fp32, CPU.
 
   Per step, as train.py: t ~ U{0..T-1}, the hybrid loss above (label dropout happens inside the
@@ -196,23 +173,23 @@ def bench_torch(name, args) -> dict:
   """
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import DiTTransformer2DModel  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(args.threads)
+  torch.set_num_threads(FLAGS.threads)
   torch.manual_seed(0)
   row = models.build(name)
-  c = args.in_channels
+  c = FLAGS.in_channels
   model = DiTTransformer2DModel(
       num_attention_heads=row.num_heads, attention_head_dim=row.hidden_size // row.num_heads,
-      in_channels=c, out_channels=2 * c, num_layers=row.depth, sample_size=args.input_size,
+      in_channels=c, out_channels=2 * c, num_layers=row.depth, sample_size=FLAGS.input_size,
       patch_size=row.patch_size, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
   model.train()
   ema = [q.detach().clone() for q in model.parameters()]
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
   loss_fn = TorchHybridLoss(diffusion_lib.create())
-  x0 = torch.randn(args.batch, c, args.input_size, args.input_size)
-  y = torch.randint(0, 1000, (args.batch,))
+  x0 = torch.randn(FLAGS.batch, c, FLAGS.input_size, FLAGS.input_size)
+  y = torch.randint(0, 1000, (FLAGS.batch,))
 
   def step():
-    t = torch.randint(0, loss_fn.num_timesteps, (args.batch,))
+    t = torch.randint(0, loss_fn.num_timesteps, (FLAGS.batch,))
     noise = torch.randn_like(x0)
     x_t = loss_fn.q_sample(x0, t, noise)
     out = model(x_t, timestep=t, class_labels=y).sample
@@ -224,68 +201,39 @@ def bench_torch(name, args) -> dict:
       for e, q in zip(ema, model.parameters()):
         e.mul_(0.9999).add_(q, alpha=1 - 0.9999)
 
-  times = []
-  for i in range(args.warmup + args.steps):
-    t0 = time.perf_counter()
-    step()
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t0)
+  _, _, times = benchmarking.time_steps(lambda c: (c, step()), steps=FLAGS.steps,
+                                        warmup=FLAGS.warmup)
   return dict(torch_ms=1e3 * statistics.median(times))
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--models", default="DiT-S/8,DiT-S/4,DiT-S/2")
-  add_shape_args(p, model=None)
-  p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes")
-  p.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
-  p.add_argument("--attention", default="", help="'' / xla / cudnn")
-  p.add_argument("--scan", action="store_true", help="scan over layers")
-  p.add_argument("--remat", action="store_true")
-  p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--compile_only", action="store_true")
-  p.add_argument("--torch", action="store_true", help="also time diffusers' DiT in PyTorch")
-  p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
-  p.add_argument("--matmul", action="store_true", help="measure the numpy fp32 matmul rate")
-  p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak for MFU")
-  args = p.parse_args()
-
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPUs, mesh {args.mesh}, dtype {args.dtype}, batch {args.batch}, "
-        f"scan {args.scan}, remat {args.remat}")
-  rate = matmul_gflops() if args.matmul else 0.0
+        f"{os.cpu_count()} CPUs, mesh {FLAGS.mesh}, dtype {FLAGS.dtype}, batch {FLAGS.batch}, "
+        f"scan {FLAGS.scan}, remat {FLAGS.remat}")
+  rate = benchmarking.matmul_gflops() if FLAGS.matmul else 0.0
   if rate:
     print(f"numpy fp32 matmul 4096^2: {rate:.1f} GFLOP/s")
-  peak = args.peak_tflops * 1e12 * jax.device_count()
+  peak = hardware.peak_flops_per_device(FLAGS.peak_tflops) * jax.device_count()
   cols = ["model", "batch", "params_m", "gflops", "compile_s", "mem_gib", "step_ms", "images_s",
           "gflop_s", "pct_matmul", "mfu", "torch_ms", "jax/torch"]
   rows = []
-  for name in args.models.split(","):
-    r = bench_jax(name, args)
+  for name in FLAGS.models.split(","):
+    r = bench_jax(name)
     if rate and "gflop_s" in r:
       r["pct_matmul"] = 100 * r["gflop_s"] / rate
     if peak and "gflop_s" in r:
       r["mfu"] = r["gflop_s"] * 1e9 / peak
-    if args.torch and not args.compile_only:
-      r.update(bench_torch(name, args))
+    if FLAGS.torch and not FLAGS.compile_only:
+      r.update(bench_torch(name))
       r["jax/torch"] = r["torch_ms"] / r["step_ms"]
     rows.append(r)
-    print("  ".join(f"{k}={_fmt(r.get(k))}" for k in cols if k in r), flush=True)
+    print("  ".join(f"{k}={benchmarking.format_value(r.get(k))}" for k in cols if k in r),
+          flush=True)
   print()
-  print("| " + " | ".join(cols) + " |")
-  print("|" + "---|" * len(cols))
-  for r in rows:
-    print("| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |")
-
-
-def _fmt(v):
-  if v is None:
-    return "-"
-  if isinstance(v, float):
-    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-  return str(v)
+  print(benchmarking.markdown_table(rows, cols))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -14,7 +14,6 @@ import functools
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
@@ -38,7 +37,8 @@ def make_encoder(model, params, batch_size: int):
   devices = jax.local_devices()
   mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
   if batch_size % len(devices):
-    raise ValueError(f"--batch_size={batch_size} must be a multiple of the {len(devices)} local devices")
+    raise ValueError(f"--batch_size={batch_size} must be a multiple of the {len(devices)} local "
+                     "devices")
   in_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 

@@ -4,12 +4,27 @@
   python tools/model_table.py --markdown --models DiT-Mi/2,DiT-Nano/4 --input-size 16 --channels 1
   python tools/model_table.py --markdown --models UNet-S,UNet-B,UNet-L,UNet-XL
 """
-import argparse
 import json
 import sys
 
-from dit_jax.models import dit
+from absl import app
+from absl import flags
+
 from dit_jax import models
+from dit_jax.models import dit
+
+_MODELS = flags.DEFINE_string(
+    "models", ",".join(models.paper_models()),
+    "Comma-separated names; " + "; ".join(f"{f.example} (sizes: {', '.join(f.sizes)})"
+                                          for f in models.FAMILIES.values()))
+_INPUT_SIZE = flags.DEFINE_integer("input-size", 32, "Latent/image side (32 = 256px latents).")
+_CHANNELS = flags.DEFINE_integer("channels", 4, "Input channels.")
+_NUM_CLASSES = flags.DEFINE_integer("num-classes", 1000, "Classes.")
+_CONDITIONING = flags.DEFINE_enum("conditioning", "adaln_zero", dit.CONDITIONINGS,
+                                  "DiT conditioning.")
+_JSON = flags.DEFINE_bool("json", False, "A JSON list, one object per model.")
+_MARKDOWN = flags.DEFINE_bool("markdown", False, "A markdown table (the default).")
+flags.mark_bool_flags_as_mutual_exclusive(["json", "markdown"])
 
 
 def row(name: str, input_size: int, channels: int, num_classes: int, conditioning: str) -> dict:
@@ -22,31 +37,21 @@ def row(name: str, input_size: int, channels: int, num_classes: int, conditionin
 
 def markdown(rows) -> str:
   lines = ["| model | params (M) | Gflops | XLA Gflops |", "|---|---:|---:|---:|"]
-  lines += [f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['gflops']:.3f} | {r['xla_gflops']:.3f} |"
-            for r in rows]
+  lines += [f"| {r['model']} | {r['params'] / 1e6:.2f} | {r['gflops']:.3f} | "
+            f"{r['xla_gflops']:.3f} |" for r in rows]
   return "\n".join(lines)
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--models", default=",".join(models.paper_models()),
-                  help="comma-separated names; " + "; ".join(
-                      f"{f.example} (sizes: {', '.join(f.sizes)})" for f in models.FAMILIES.values()))
-  ap.add_argument("--input-size", type=int, default=32, help="latent/image side (32 = 256px latents)")
-  ap.add_argument("--channels", type=int, default=4)
-  ap.add_argument("--num-classes", type=int, default=1000)
-  ap.add_argument("--conditioning", default="adaln_zero", choices=dit.CONDITIONINGS)
-  fmt = ap.add_mutually_exclusive_group()
-  fmt.add_argument("--json", action="store_true", help="a JSON list, one object per model")
-  fmt.add_argument("--markdown", action="store_true", help="a markdown table (the default)")
-  args = ap.parse_args(argv)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    rows = [row(n, args.input_size, args.channels, args.num_classes, args.conditioning)
-            for n in args.models.split(",")]
+    rows = [row(n, _INPUT_SIZE.value, _CHANNELS.value, _NUM_CLASSES.value, _CONDITIONING.value)
+            for n in _MODELS.value.split(",")]
   except ValueError as e:
     sys.exit(f"model_table: {e}")
-  print(json.dumps(rows, indent=1) if args.json else markdown(rows))
+  print(json.dumps(rows, indent=1) if _JSON.value else markdown(rows))
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,33 +1,41 @@
 """Where a train step's time goes on XLA:CPU: a profiler trace of the trainer's step, summed by op.
 
-  python tools/profile_step.py --model=DiT-S/2 --batch=8          # latent 32x32x4, as bench_train
-  python tools/profile_step.py --model=DiT-S/2 --depth=1           # one block (and the embedders)
+  python experiments/xla_cpu_grads/profile_step.py --model=DiT-S/2 --batch=8   # 32x32x4 latents
+  python experiments/xla_cpu_grads/profile_step.py --model=DiT-S/2 --depth=1    # one block
 
-Sets XLA's CPU TraceMe flag, jits the real `train_step.train_step` (as tools/bench_train.py does), traces
+Sets XLA's CPU TraceMe flag, jits the real `train_step.train_step` as tools/bench_train.py does
+(dit_jax.benchmarking.trainer_step; --depth=1 keeps the embedders and the final layer), traces
 `--steps` steps with `jax.profiler` (a Perfetto JSON trace) and prints one table: each operation's
 source op name (blocks folded together, forward F / backward T), its kernel kind, milliseconds per
 step and, for matrix multiplies, the achieved GFLOP/s (from the optimised HLO's dot shapes).
 """
-import argparse
 import collections
 import gzip
 import json
 import os
 import pathlib
 import re
-import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
                            " --xla_dump_hlo_as_text --xla_dump_to=" + tempfile.mkdtemp()).strip()
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tools import bench_train  # noqa: E402
+from dit_jax import benchmarking  # noqa: E402
+from dit_jax import models  # noqa: E402
+from dit_jax import sharding as sharding_lib  # noqa: E402
 from dit_jax.training import train_step  # noqa: E402
+
+FLAGS = flags.FLAGS
+benchmarking.define_shape_flags()
+flags.DEFINE_integer("depth", 0, "Blocks (0: the size's own depth).")
+flags.DEFINE_integer("steps", 3, "Traced steps.")
+flags.DEFINE_integer("top", 25, "Table rows.")
 
 
 def hlo_ops(dump_dir: str) -> dict:
@@ -76,7 +84,8 @@ def _short(op_name: str) -> str:
 
 
 def _kernel_kind(name: str) -> str:
-  """A kernel instruction's kind: its name without the numeric suffix (ynn_fusion.12 -> ynn_fusion)."""
+  """A kernel instruction's kind: its name without the numeric suffix (ynn_fusion.12 ->
+  ynn_fusion)."""
   return re.sub(r"\.\d+$", "", name)
 
 
@@ -95,29 +104,28 @@ def _print_gaps(events, ops, steps, top=8):
     covered += max(0.0, stop - max(start, end))
     end = max(end, stop)
   span = spans[-1][1] - spans[0][0]
-  print(f"\ntrace span {span / 1e3 / steps:.0f} ms/step, kernels running {covered / 1e3 / steps:.0f}, "
+  print(f"\ntrace span {span / 1e3 / steps:.0f} ms/step, "
+        f"kernels running {covered / 1e3 / steps:.0f}, "
         f"no traced kernel {(span - covered) / 1e3 / steps:.0f} (incl. between steps); longest, "
         f"by the op that follows:")
   for op_name, us in gaps.most_common(top):
     print(f"  {us / 1e3 / steps:7.1f} ms  before {op_name[:100]}")
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  bench_train.add_shape_args(p)
-  p.add_argument("--depth", type=int, default=0, help="blocks (0: the size's own depth)")
-  p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--top", type=int, default=25)
-  args = p.parse_args()
-  bench_args = argparse.Namespace(input_size=args.input_size, in_channels=args.in_channels,
-                                  scan=False, remat=False, attention="", dtype="float32",
-                                  mesh="-1,1,1", batch=args.batch, depth=args.depth)
-  model, tx, mesh, step = bench_train.build(args.model, bench_args)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
+  depth = dict(depth=args.depth) if args.depth else {}
+  model = models.build(args.model, input_size=args.input_size, in_channels=args.in_channels,
+                       num_classes=1000, scan_layers=False, remat=False, attention_impl=None,
+                       dtype=jnp.float32, param_dtype=jnp.float32, **depth)
+  mesh = sharding_lib.create_mesh((-1, 1, 1))
+  sharding_lib.check_batch(args.batch, mesh)
+  tx, step = benchmarking.trainer_step(model, mesh)
   state, _ = train_step.create_train_state(model, tx, mesh, seed=0)
-  rng = np.random.default_rng(0)
-  shape = (args.batch, args.input_size, args.input_size, args.in_channels)
-  batch = dict(image=jnp.asarray(rng.standard_normal(shape), jnp.float32),
-               label=jnp.asarray(rng.integers(0, 1000, args.batch), jnp.int32))
+  batch = jax.tree.map(jnp.asarray,
+                       benchmarking.random_batch(args.batch, args.input_size, args.in_channels))
   for _ in range(2):
     state, m = step(state, batch)
   jax.block_until_ready(m)
@@ -154,4 +162,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

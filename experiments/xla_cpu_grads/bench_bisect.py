@@ -1,33 +1,34 @@
-"""Bisects the train step's whole-program slowdown on XLA:CPU: the same DiT grown program by program.
+"""Bisects the train step's whole-program slowdown on XLA:CPU: one DiT grown program by program.
 
-  python tools/bench_bisect.py --model=DiT-S/2 --batch=8 --steps=5      # latent 32x32x4, as bench_train
+  python experiments/xla_cpu_grads/bench_bisect.py --model=DiT-S/2 --batch=8 --steps=5  # 32x32x4
 
 Each row is one jitted program on one device, timed as the median of --steps calls after a warm-up:
 fwd+bwd of the DiT with 1, 2, 4 and all blocks (an eps-MSE loss), then at full depth + the hybrid
 loss (eps-MSE + VLB with learned Sigma), + AdamW, + the EMA update, and the trainer's own step
 (`train_step.train_step`: + label dropout, the non-finite guard and its metrics). Every program
 once with the blocks unrolled and once under `nn.scan`. GFLOP/s is the model's training FLOPs,
-6 x paper Gflops (MACs per image) x batch, over the time, the same count for every program of one
-depth (XLA's cost analysis counts a scanned loop's body once); numpy's fp32 matmul rate, measured
-in the same run, is the machine's reference. Prints a markdown table.
+2 x flops.training_gflops (3 x paper Gflops (MACs per image) x batch), over the time, the same
+count for every program of one depth (XLA's cost analysis counts a scanned loop's body once);
+numpy's fp32 matmul rate, measured in the same run, is the machine's reference. Prints a markdown
+table.
 """
-import argparse
-import pathlib
 import statistics
-import sys
-import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+from dit_jax import benchmarking
+from dit_jax import models
+from dit_jax import sharding as sharding_lib
+from dit_jax.objectives import diffusion as diffusion_lib
+from dit_jax.training import train_step
 
-from dit_jax.objectives import diffusion as diffusion_lib  # noqa: E402
-from dit_jax import models  # noqa: E402
-from dit_jax import sharding as sharding_lib  # noqa: E402
-from dit_jax.training import train_step  # noqa: E402
-from tools import bench_train  # noqa: E402
+FLAGS = flags.FLAGS
+benchmarking.define_shape_flags()
+flags.DEFINE_integer("steps", 5, "Timed calls per program (median reported, after one warm-up).")
 
 
 def _programs(model, depth_label, full: bool):
@@ -63,27 +64,18 @@ def _programs(model, depth_label, full: bool):
   return out, tx
 
 
-def _time(compiled, args, steps):
-  jax.block_until_ready(compiled(*args))
-  ts = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
 def _train_flops(model, batch: int) -> float:
-  return 6 * models.gflops(model) * 1e9 * batch
+  return benchmarking.train_step_flops(models.gflops(model), batch)
 
 
 def _row(name, layout, compiled, args, steps, flops):
-  s = _time(compiled, args, steps)
+  s = benchmarking.median_seconds(lambda: compiled(*args), steps=steps, warmup=1)
   return dict(program=name, layout=layout, ms=1e3 * s, gflops_s=flops / s / 1e9)
 
 
 def run(args) -> list:
-  x, noise, y, t = bench_train.random_inputs(args)
+  """The table's rows for the shape flags in `args` (flags.FLAGS)."""
+  x, noise, y, t = benchmarking.random_inputs(args.batch, args.input_size, args.in_channels)
   full_depth = models.build(args.model, input_size=args.input_size, in_channels=args.in_channels,
                             num_classes=1000).depth
   rows = []
@@ -103,44 +95,37 @@ def run(args) -> list:
         print(rows[-1], flush=True)
     # The trainer's step itself, on a one-device mesh.
     mesh = sharding_lib.create_mesh((1, 1, 1), jax.devices()[:1])
-    shardings = train_step.state_shardings(model, tx, mesh)[1]
-    step = train_step.jit_train_step(model, diffusion_lib.create(), tx, mesh, shardings, 0.9999)
+    tx, step = benchmarking.trainer_step(model, mesh)
     state = train_step.create_train_state(model, tx, mesh, 0)[0]
     batch = dict(image=x, label=y)
     compiled = step.lower(state, batch).compile()
     flops = _train_flops(model, args.batch)
-    jax.block_until_ready(compiled(state, batch))
-    state = train_step.create_train_state(model, tx, mesh, 0)[0]
-    ts = []
-    for _ in range(args.steps + 1):  # the step donates its state: feed it its own output
-      t0 = time.perf_counter()
-      state, m = compiled(state, batch)
-      jax.block_until_ready(m)
-      ts.append(time.perf_counter() - t0)
-    s = statistics.median(ts[1:])
+    # The step donates its state: feed it its own output.
+    _, _, ts = benchmarking.time_steps(lambda s: compiled(s, batch), state, steps=args.steps,
+                                       warmup=2)
+    s = statistics.median(ts)
     rows.append(dict(program="trainer's step (+ dropout, guard, metrics)", layout=layout,
                      ms=1e3 * s, gflops_s=flops / s / 1e9))
     print(rows[-1], flush=True)
   return rows
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  bench_train.add_shape_args(p)
-  p.add_argument("--steps", type=int, default=5)
-  args = p.parse_args(argv)
-  rate = bench_train.matmul_gflops()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
+  rate = benchmarking.matmul_gflops()
   rows = run(args)
-  print(f"\n{args.model}, batch {args.batch}, {args.input_size}x{args.input_size}x{args.in_channels}, "
-        f"fp32, 1 device; numpy fp32 4096^2 matmul {rate:.0f} GFLOP/s in this run\n")
+  print(f"\n{args.model}, batch {args.batch}, "
+        f"{args.input_size}x{args.input_size}x{args.in_channels}, fp32, 1 device; "
+        f"numpy fp32 4096^2 matmul {rate:.0f} GFLOP/s in this run\n")
   print("| program | layout | ms/step | GFLOP/s | vs 1 block |")
   print("|---|---|---:|---:|---:|")
   for r in rows:
     base = next(b["gflops_s"] for b in rows if b["layout"] == r["layout"])
     print(f"| {r['program']} | {r['layout']} | {r['ms']:.0f} | {r['gflops_s']:.0f} | "
           f"{r['gflops_s'] / base:.2f} |")
-  return rows
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

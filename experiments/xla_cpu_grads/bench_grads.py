@@ -1,6 +1,6 @@
 """What the two hand-written backward passes buy: a DiT's gradient program with and without them.
 
-  python tools/bench_grads.py --model=DiT-S/2 --batch=8 --rounds=5      # latent 32x32x4
+  python experiments/xla_cpu_grads/bench_grads.py --model=DiT-S/2 --batch=8 --rounds=5  # 32x32x4
 
 Four programs of the same model, each jax.grad of an eps-MSE loss, jitted on one device:
   jax     flax's Dense/DenseGeneral and jax.nn.dot_product_attention(implementation="xla")
@@ -12,21 +12,21 @@ each row gives the minimum and median over the rounds and its ratio to `jax` by 
 parameters are perturbed off adaLN-Zero's zeros so that every weight has a gradient, and the
 largest gradient difference to `jax` is printed (float32 rounding, not a different answer).
 """
-import argparse
-import pathlib
 import statistics
-import sys
-import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from dit_jax import benchmarking
+from dit_jax import models
+from dit_jax.models import dense_dot
 
-from dit_jax.models import dense_dot  # noqa: E402
-from dit_jax import models  # noqa: E402
-from tools import bench_train  # noqa: E402
+FLAGS = flags.FLAGS
+benchmarking.define_shape_flags()
+flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
 
 VARIANTS = {"jax": (False, "xla"), "dense": (True, "xla"), "attn": (False, None),
             "both": (True, None)}
@@ -52,21 +52,18 @@ def compile_variant(name, args, x, t, y, noise):
     dense_dot.Dense, dense_dot.DenseGeneral = kept
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  bench_train.add_shape_args(p)
-  p.add_argument("--rounds", type=int, default=5)
-  args = p.parse_args(argv)
-  x, noise, y, t = bench_train.random_inputs(args)
-  rate = bench_train.matmul_gflops()
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = FLAGS
+  x, noise, y, t = benchmarking.random_inputs(args.batch, args.input_size, args.in_channels)
+  rate = benchmarking.matmul_gflops()
   programs = {name: compile_variant(name, args, x, t, y, noise) for name in VARIANTS}
   grads = {name: jax.block_until_ready(c(params)) for name, (c, params) in programs.items()}
   times = {name: [] for name in programs}
   for _ in range(args.rounds):
     for name, (c, params) in programs.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(c(params))
-      times[name].append(time.perf_counter() - t0)
+      times[name] += benchmarking.time_steps(lambda _, c=c, p=params: (None, c(p)), steps=1)[2]
   print(f"\n{args.model}, batch {args.batch}, {args.input_size}x{args.input_size}x"
         f"{args.in_channels}, fp32, 1 device, {args.rounds} interleaved rounds; numpy fp32 4096^2 "
         f"matmul {rate:.0f} GFLOP/s in this run\n")
@@ -78,8 +75,7 @@ def main(argv=None):
                for a, b in zip(jax.tree.leaves(grads[name]), jax.tree.leaves(grads["jax"])))
     print(f"| {name} | {1e3 * min(ts):.0f} | {1e3 * statistics.median(ts):.0f} | "
           f"{base / min(ts):.2f} | {diff:.1e} |")
-  return times
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -1,6 +1,6 @@
 """Standalone reproducer for XLA:CPU (jax only): two gradients that autodiff makes slow on CPU.
 
-  python tools/repro_xla_cpu_grads.py          # prints a table and the optimised HLO of case 1
+  python experiments/xla_cpu_grads/repro_xla_cpu_grads.py   # a table + the optimised HLO of case 1
 
 1. A dense layer's VJP, y = x @ w with x (8, 256, 384) and w (384, 1536), DiT-S/2's fc1. JAX's
    transpose rule writes dw as dot_general(dy, x) -> (1536, 384) followed by a transpose. XLA:CPU
@@ -109,13 +109,15 @@ def main():
     lo, med, compiled = _time(f, *args)
     outs[i] = compiled(*args)
     hlo = hlo or compiled.as_text()
-    diff = "" if i % 2 == 0 else f"{max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(outs[i], outs[i - 1])):.1e}"
+    diff = "" if i % 2 == 0 else (
+        f"{max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(outs[i], outs[i - 1])):.1e}")
     print(f"| {name} | {lo:.1f} | {med:.1f} | {flop / lo / 1e6:.0f} | {diff} |")
   p, vh = n(8, 6, 256, 256), n(8, 6, 256, 64)
   flop = 2 * 8 * 6 * 256 * 256 * 64
   print("\n| per-head product (48 x 256 x 256 x 64) | min ms | GFLOP/s |")
   print("|---|---:|---:|")
-  for name, spec, args in [("P.V", "bnts,bnsd->bntd", (p, vh)), ("Q.K^T", "bntd,bnsd->bnts", (vh, vh)),
+  for name, spec, args in [("P.V", "bnts,bnsd->bntd", (p, vh)),
+                           ("Q.K^T", "bntd,bnsd->bnts", (vh, vh)),
                            ("P^T.dO", "bnts,bntd->bnsd", (p, vh))]:
     lo = _time(lambda a, b, spec=spec: jnp.einsum(spec, a, b), *args)[0]
     print(f"| {name} `{spec}` | {lo:.2f} | {flop / lo / 1e6:.0f} |")
