@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dit_jax.models import dit as dit_lib
 from dit_jax.objectives import flow as flow_lib
 from dit_jax.objectives import flow_sampling as fs
-from dit_jax.objectives import diffusion as diffusion_lib
+from dit_jax.objectives import per_example
 
 # --- SiT, transcribed -------------------------------------------------------------------------
 
@@ -220,7 +220,7 @@ def test_sde_sample_matches_sit_loop():
   model = gauss_model("linear", "velocity")
   got = fs.sde_sample(model, f, shape, rng, num_steps=n - 1)
   rng_init, rng_steps = jax.random.split(rng)
-  normal = jax.jit(diffusion_lib.per_example_normal, static_argnums=1)
+  normal = jax.jit(per_example.per_example_normal, static_argnums=1)
   x = np.asarray(normal(rng_init, shape), np.float64)
   ts = np.linspace(0, 1 - 0.04, n)  # integrators.py sde: linspace(t0, t1, num_steps)
   npm = gauss_model("linear", "velocity", xp=np)

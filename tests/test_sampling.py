@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax.objectives import diffusion as dd
-from dit_jax.objectives import sampling
+from dit_jax.objectives import per_example, sampling
 
 T = 1000
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -313,8 +313,8 @@ def test_per_example_normal_is_sharding_invariant():
   mesh = Mesh(np.array(jax.devices()), ("data",))
   sharding = NamedSharding(mesh, P("data"))
   key = jax.random.key(3)
-  a = jax.jit(lambda k: dd.per_example_normal(k, (32, 3, 3, 2)), out_shardings=sharding)(key)
-  b = dd.per_example_normal(key, (32, 3, 3, 2))
+  a = jax.jit(lambda k: per_example.per_example_normal(k, (32, 3, 3, 2)), out_shardings=sharding)(key)
+  b = per_example.per_example_normal(key, (32, 3, 3, 2))
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert abs(float(b.mean())) < 0.15 and abs(float(b.std()) - 1) < 0.1
 
@@ -434,8 +434,8 @@ def test_cfg_guide_channels_bounded_by_the_prediction_channels(learn_sigma):
 def _loop_noise(rng, shape, num_steps):
   """The sampler's draws: x_T from split(rng)[0], step i's noise from fold_in(split(rng)[1], i)."""
   rng_init, rng_steps = jax.random.split(rng)
-  x_T = np.asarray(dd.per_example_normal(rng_init, shape), np.float64)
-  return x_T, {i: np.asarray(dd.per_example_normal(jax.random.fold_in(rng_steps, i), shape),
+  x_T = np.asarray(per_example.per_example_normal(rng_init, shape), np.float64)
+  return x_T, {i: np.asarray(per_example.per_example_normal(jax.random.fold_in(rng_steps, i), shape),
                              np.float64) for i in range(num_steps)}
 
 

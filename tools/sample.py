@@ -1,71 +1,94 @@
-"""Samples a trained DiT from its workdir's checkpoint (EMA params) and writes a PNG grid.
+"""Samples a trained model from its workdir's checkpoint (EMA params) and writes a PNG grid, with
+the sampler of the objective the run was trained with (objectives.from_config of its config.json).
 
   python tools/sample.py --workdir=/tmp/dit_cpu --out=/tmp/grid.png --steps=250 --cfg_scale=4
-  python tools/sample.py --workdir=DIR --sampler=ddim --steps=50 --labels=207,360,387,974
+  python tools/sample.py --workdir=DIR --sampler=ddim --steps=ddim50 --labels=207,360,387,974
+  python tools/sample.py --workdir=FLOW_RUN --sampler=euler --steps=50   # a diffusion.objective=flow run
 
 DDPM with 250 respaced steps and guidance 1.5 is the paper's FID setting; 4.0 gives its figures.
-Latent models need --vae_path (a diffusers SD-VAE folder) to decode to pixels.
+A DDPM run takes --sampler ddpm (default) or ddim and --steps as a respacing ('250', 'ddim50'); a
+flow run takes euler, heun or euler_maruyama (default: the run's flow.sampler) and --steps as a
+number of integration steps. Latent models need --vae_path (a diffusers SD-VAE folder) to decode.
 """
-import argparse
-import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from dit_jax.objectives import diffusion as diffusion_lib  # noqa: E402
-from dit_jax.evaluation import evaluators  # noqa: E402
-from dit_jax.evaluation import images  # noqa: E402
-from dit_jax.objectives import sampling  # noqa: E402
-from dit_jax.models import text  # noqa: E402
-from dit_jax.training import train  # noqa: E402
+from dit_jax import objectives
+from dit_jax.data import images
+from dit_jax.evaluation import evaluators
+from dit_jax.models import text
+from dit_jax.training import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_string("out", "samples.png", "PNG grid to write.")
+flags.DEFINE_string("sampler", "", "ddpm | ddim (DDPM runs), euler | heun | euler_maruyama (flow "
+                    "runs); '' = the objective's own (ddpm; the run's flow.sampler).")
+flags.DEFINE_string("steps", "250", "Sampling steps: a respacing ('250', 'ddim50') for DDPM, a "
+                    "number of integration steps for flow.")
+flags.DEFINE_float("eta", 0.0, "DDIM stochasticity.")
+flags.DEFINE_float("cfg_scale", 4.0, "Classifier-free guidance (1 = off).")
+flags.DEFINE_integer("guide_channels", 0, "DDPM: guide only the first N eps channels (0 = all; 3 "
+                     "= the official DiT sampler's quirk).")
+flags.DEFINE_integer("num", 16, "Images (labels cycle 0..classes-1).")
+flags.DEFINE_string("labels", "", "Comma-separated class labels (overrides --num).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("vae_path", "", "SD-VAE folder that decodes a latent model's samples.")
+flags.mark_flags_as_required(["workdir"])
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--out", default="samples.png", help="PNG grid to write")
-  p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-  p.add_argument("--steps", default="250", help="respaced sampling steps, e.g. 250 or ddim50")
-  p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
-  p.add_argument("--cfg_scale", type=float, default=4.0, help="classifier-free guidance (1 = off)")
-  p.add_argument("--guide_channels", type=int, default=None,
-                 help="guide only the first N channels (3 = the official DiT sampler's quirk)")
-  p.add_argument("--num", type=int, default=16, help="images (labels cycle 0..classes-1)")
-  p.add_argument("--labels", default="", help="comma-separated class labels (overrides --num)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--vae_path", default="", help="SD-VAE folder to decode latents")
-  args = p.parse_args()
+def sample_fn(config, model, data_kind: str):
+  """(the objective's sampler for the flags, its name), or ValueError naming the flag at fault."""
+  objective = objectives.from_config(config)
+  sampler = FLAGS.sampler or ("ddpm" if objective.name == "ddpm" else config.flow.sampler)
+  if sampler not in objective.samplers:
+    raise ValueError(f"--sampler={sampler}: a {objective.name}-trained run samples with one of "
+                     f"{objective.samplers}")
+  if objective.name == "flow":
+    objectives.Flow.check_steps(FLAGS.steps, "--steps")
+  try:
+    fn = objective.sample_fn(model, steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale,
+                             guide_channels=FLAGS.guide_channels, data_kind=data_kind,
+                             sampler=sampler, eta=FLAGS.eta)
+  except ValueError as e:
+    raise ValueError(f"--steps={FLAGS.steps} / --guide_channels={FLAGS.guide_channels}: {e}"
+                     ) from None
+  return fn, f"{objective.name} {sampler}" if objective.name != sampler else sampler
 
-  if text.enabled(train.load_config(args.workdir)):
-    sys.exit(f"sample.py: {args.workdir} is a text-conditioned run; sample it with "
-             f"tools/sample_prompt.py --workdir={args.workdir} --prompt=...")
-  run = train.load_trained(args.workdir, args.step)
-  config, model, params, data_state, step = (run.config, run.model, run.params, run.data_state,
-                                             run.step)
-  if args.labels:
-    labels = np.array([int(v) for v in args.labels.split(",")], np.int32)
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if text.enabled(train.load_config(FLAGS.workdir).get("text")):
+    sys.exit(f"sample.py: {FLAGS.workdir} is a text-conditioned run; sample it with "
+             f"tools/sample_prompt.py --workdir={FLAGS.workdir} --prompt=...")
+  run = train.load_trained(FLAGS.workdir, FLAGS.step)
+  if FLAGS.labels:
+    labels = np.array([int(v) for v in FLAGS.labels.split(",")], np.int32)
   else:
-    labels = np.arange(args.num, dtype=np.int32) % max(data_state["num_classes"], 1)
-  if model.num_classes and labels.max() >= model.num_classes:
-    raise ValueError(f"labels must be < {model.num_classes}")
-  diffusion = diffusion_lib.from_config(config, args.steps)
-  sample = sampling.make_sample_fn(model, diffusion, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                                guide_channels=args.guide_channels, eta=args.eta)
-  shape = (len(labels),) + tuple(data_state["image_shape"])
-  x = np.asarray(sample(params, jnp.asarray(labels), jax.random.PRNGKey(args.seed), shape))
-  if data_state["kind"] == "latents":
-    vae_path = args.vae_path or config.eval.vae_path
+    labels = np.arange(FLAGS.num, dtype=np.int32) % max(run.data_state["num_classes"], 1)
+  if run.model.num_classes and labels.max() >= run.model.num_classes:
+    sys.exit(f"sample.py: --labels must be < {run.model.num_classes}")
+  try:
+    sample, name = sample_fn(run.config, run.model, run.data_state["kind"])
+  except ValueError as e:
+    sys.exit(f"sample.py: {e}")
+  shape = (len(labels),) + tuple(run.data_state["image_shape"])
+  x = np.asarray(sample(run.params, jnp.asarray(labels), jax.random.PRNGKey(FLAGS.seed), shape))
+  if run.data_state["kind"] == "latents":
+    vae_path = FLAGS.vae_path or run.config.eval.vae_path
     if not vae_path:
-      raise ValueError("this model was trained on latents: pass --vae_path to decode them")
-    x = evaluators.decode_latents(vae_path, x, data_state["scaling_factor"])
-  images.save_grid(np.asarray(images.quantize(x)), args.out)
-  print(f"step {step}: {len(labels)} samples ({args.sampler}, {diffusion.num_timesteps} steps, "
-        f"cfg {args.cfg_scale}) -> {args.out}")
+      sys.exit("sample.py: this model was trained on latents: pass --vae_path to decode them")
+    x = evaluators.decode_latents(vae_path, x, run.data_state["scaling_factor"])
+  images.save_grid(np.asarray(images.quantize(x)), FLAGS.out)
+  print(f"step {run.step}: {len(labels)} samples ({name}, {FLAGS.steps} steps, "
+        f"cfg {FLAGS.cfg_scale}) -> {FLAGS.out}")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -12,7 +12,6 @@ tokenizer (workdir/tokenizer.json): a word the captions never had is an error, n
 One grid row per prompt, --num samples each; DDIM (--sampler, --steps) with classifier-free guidance
 (--cfg_scale) against the empty caption.
 """
-import pathlib
 import sys
 
 import jax
@@ -21,17 +20,14 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from dit_jax.data import captions  # noqa: E402
-from dit_jax import config_check  # noqa: E402
-from dit_jax.objectives import diffusion as diffusion_lib  # noqa: E402
-from dit_jax.evaluation import evaluators  # noqa: E402
-from dit_jax.evaluation import images  # noqa: E402
-from dit_jax import models  # noqa: E402
-from dit_jax.objectives import sampling  # noqa: E402
-from dit_jax.data import sources  # noqa: E402
-from dit_jax.models import text  # noqa: E402
-from dit_jax.training import train  # noqa: E402
+from dit_jax import config_check
+from dit_jax import objectives
+from dit_jax.data import captions
+from dit_jax.data import images
+from dit_jax.data import sources
+from dit_jax.evaluation import evaluators
+from dit_jax.models import text
+from dit_jax.training import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config (with text.enabled), e.g. "
@@ -52,7 +48,7 @@ flags.mark_flags_as_required(["workdir", "prompt"])
 
 def encode_prompts(workdir, prompts) -> np.ndarray:
   """Token ids (P, L) of the prompts under the run's tokenizer; unknown words raise ValueError."""
-  tokenizer = captions.load_tokenizer(workdir, train.load_config(workdir))
+  tokenizer = captions.load_tokenizer(workdir, train.load_config(workdir).get("text"))
   if tokenizer is None:
     raise ValueError(f"{workdir} is not a text-conditioned run (text.enabled=False); sample it "
                      f"with tools/sample.py")
@@ -63,10 +59,11 @@ def check_prompts(config, prompts) -> None:
   """Before training: the config's checks, then the prompts against the tokenizer the run will
   have (it reads the data once more, which costs less than a training run lost to a typo)."""
   config_check.check(config)
-  if not text.enabled(config):
+  if not text.enabled(config.text):
     raise ValueError("the config is not text-conditioned: set text.enabled (e.g. "
                      "configs/default.py:cpu_text)")
-  captions.training_source(config, sources.create_source(config.data)).tokenizer.encode(prompts)
+  source = captions.training_source(config.text, sources.create_source(config.data))
+  source.tokenizer.encode(prompts)
 
 
 def sample_prompts(workdir, prompts, *, num: int = 8, sampler: str = "ddim", steps: str = "50",
@@ -74,9 +71,10 @@ def sample_prompts(workdir, prompts, *, num: int = 8, sampler: str = "ddim", ste
   """uint8 samples (P * num, H, W, C) of a trained text run, prompt by prompt (images.quantize)."""
   ids = np.repeat(encode_prompts(workdir, prompts), num, axis=0)  # before the checkpoint is read
   run = train.load_trained(workdir, step)
-  sample = sampling.make_sample_fn(run.model, diffusion_lib.from_config(run.config, steps),
-                                   sampler=sampler, cfg_scale=cfg_scale,
-                                   null_label=models.null_label(run.model))
+  # Text conditioning is DDPM-only (objectives.from_config refuses flow with text.enabled).
+  sample = objectives.from_config(run.config).sample_fn(
+      run.model, steps=steps, cfg_scale=cfg_scale, data_kind=run.data_state["kind"],
+      sampler=sampler)
   shape = (len(ids),) + tuple(run.data_state["image_shape"])
   x = np.asarray(sample(run.params, jnp.asarray(ids), jax.random.PRNGKey(seed), shape))
   if run.data_state["kind"] == "latents":

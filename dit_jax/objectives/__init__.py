@@ -1,97 +1,174 @@
-"""The training objective behind one interface: DDPM (diffusion.py) or rectified flow (flow.py).
+"""The objective registry: the one place that knows the training objectives (DDPM, rectified flow).
 
-`config.diffusion.objective` picks it. `diffusion.Diffusion` and `flow.Flow` have the same methods
-for the train step and the validation loss: per-example noise and times (`draw_noise_and_t`), the
-per-example loss terms (`training_losses`), a fixed stratified set of times (`fixed_times`) and
-the terms at given times and noise (`validation_losses`). This module builds either from the
-config, checks its fields, and gives the evaluators a sampler with one signature,
-`(params, labels_B, rng, shape) -> samples` (`make_sample_fn`).
+`from_config(config)` checks `config.diffusion` / `config.flow` and returns one object per objective
+that carries everything a caller would otherwise ask the objective's name for (as nanodo's
+model_factory returns a model with its loss):
 
-DDPM: integer timesteps, eps (or x0 / v) prediction, learned Sigma with the hybrid loss; sampling
-with ADM's respaced ancestral sampler (`eval.*.respacing` steps). Flow: continuous t in [0, 1]
+- `process`: a `diffusion.Diffusion` or a `flow.Flow`, with the same methods for the train step and
+  the validation loss: per-example noise and times (`draw_noise_and_t`), the per-example loss terms
+  (`training_losses`), a fixed stratified set of times (`fixed_times`) and the terms at given times
+  and noise (`validation_losses`);
+- `sample_fn(...)`: its sampler, one signature `(params, labels_B, rng, shape) -> samples`;
+- `provenance(fid, data_kind)`: the results-row fields that say how its samples were drawn;
+- `learns_sigma(requested)` (also a class method, for the sweep before a config exists): whether the
+  model learns the reverse variance (DDPM's LEARNED_RANGE; never for flow).
+
+DDPM: integer timesteps, eps (or x0 / v) prediction, learned Sigma with the hybrid loss; sampling with
+ADM's respaced ancestral sampler or DDIM (`eval.*.respacing` steps). Flow: continuous t in [0, 1]
 (SiT's convention, t = 1 is data), velocity prediction by default; sampling with an ODE (Euler or
 Heun) or SiT's Euler-Maruyama SDE, `eval.*.respacing` integration steps.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+from dit_jax import models
 from dit_jax.objectives import diffusion as diffusion_lib
 from dit_jax.objectives import flow as flow_lib
 from dit_jax.objectives import flow_sampling
-from dit_jax import models
 from dit_jax.objectives import sampling
 
-OBJECTIVES = ("ddpm", "flow")
 FLOW_SAMPLERS = ("euler", "heun", "euler_maruyama")
+DDPM_SAMPLERS = ("ddpm", "ddim")
 CLIP_MODES = ("auto", "on", "off")
 
 
-def check_config(config) -> None:
-  """`config.diffusion` and `config.flow`: the objective and what it allows."""
-  objective = config.diffusion.objective
-  if objective not in OBJECTIVES:
-    raise ValueError(f"diffusion.objective={objective!r}: use one of {OBJECTIVES}")
-  if config.eval.clip_denoised not in CLIP_MODES:
-    raise ValueError(f"eval.clip_denoised={config.eval.clip_denoised!r}: use one of {CLIP_MODES}")
-  if objective == "ddpm":
-    diffusion_lib.from_config(config)  # schedule, timesteps, prediction
-    return
-  if config.text.enabled:
-    raise ValueError("text conditioning (text.enabled) is implemented for the DDPM objective only")
-  if config.learn_sigma:
-    raise ValueError("learn_sigma=True applies to the DDPM objective only (a learned variance of "
-                     "the reverse process); set learn_sigma=False for diffusion.objective='flow'")
-  if config.flow.sampler not in FLOW_SAMPLERS:
-    raise ValueError(f"flow.sampler={config.flow.sampler!r}: use one of {FLOW_SAMPLERS}")
-  if config.eval.grid.guide_channels or config.eval.fid.guide_channels:
-    raise ValueError("eval.*.guide_channels applies to DDPM's eps channels; the flow objective "
-                     "guides every channel (leave it at 0)")
-  lo, hi = config.flow.guidance_interval
-  if not 0.0 <= lo < hi <= 1.0:
-    raise ValueError(f"flow.guidance_interval={tuple(config.flow.guidance_interval)}: need "
-                     f"0 <= lo < hi <= 1 (flow time, 0 = noise)")
-  flow_from_config(config)  # path, prediction, time sampling, shift
-  for name in ("grid", "fid"):
-    steps = config.eval[name].respacing
-    if not str(steps).isdigit() or int(steps) < 1:
-      raise ValueError(f"eval.{name}.respacing={steps!r}: with the flow objective it is the number "
-                       f"of integration steps, a positive integer")
-
-
-def flow_from_config(config) -> flow_lib.Flow:
-  f = config.flow
-  return flow_lib.create(path=f.path, prediction=f.prediction, time_sampling=f.time_sampling,
-                         logit_mean=f.logit_mean, logit_std=f.logit_std, shift=f.shift,
-                         learn_sigma=config.learn_sigma)
-
-
-def create(config):
-  """The training objective the config names: a `diffusion.Diffusion` or a `flow.Flow`."""
-  if config.diffusion.objective == "flow":
-    return flow_from_config(config)
-  return diffusion_lib.from_config(config)
-
-
-def clip_denoised(config, data_kind: str) -> bool:
+def clip_denoised(mode: str, data_kind: str) -> bool:
   """Clip x0 predictions to [-1, 1] while sampling: ADM's convention in pixel space (auto: on),
   DiT's on latents (auto: off)."""
-  mode = config.eval.clip_denoised
   return data_kind != "latents" if mode == "auto" else mode == "on"
 
 
-def _interval(config):
-  lo, hi = config.flow.guidance_interval
-  return None if (lo, hi) == (0.0, 1.0) else (float(lo), float(hi))
+class Ddpm:
+  """DDPM as in DiT/ADM (`config.diffusion`, `config.learn_sigma`)."""
+  name = "ddpm"
+  samplers = DDPM_SAMPLERS
+
+  def __init__(self, diffusion_cfg, learn_sigma: bool, clip_mode: str):
+    self._cfg, self._learn_sigma, self.clip_mode = diffusion_cfg, bool(learn_sigma), clip_mode
+    self.process = self.respaced("")
+
+  @classmethod
+  def learns_sigma(cls, requested: bool) -> bool:
+    return bool(requested)
+
+  def respaced(self, respacing: str) -> diffusion_lib.Diffusion:
+    """The process respaced to `respacing` steps (ADM's '250', 'ddim50'; '' = all)."""
+    d = self._cfg
+    return diffusion_lib.create(schedule=d.schedule, timesteps=d.timesteps, respacing=respacing,
+                                learn_sigma=self._learn_sigma, prediction=d.prediction)
+
+  def check_eval(self, name: str, ev) -> None:
+    try:
+      self.respaced(ev.respacing)
+    except ValueError as e:
+      raise ValueError(f"eval.{name}.respacing={ev.respacing!r}: {e}") from None
+
+  def sample_fn(self, model, *, steps: str, cfg_scale: float, guide_channels: int = 0,
+                data_kind: str = "images", mesh=None, sampler: str = "", eta: float = 0.0
+                ) -> Callable:
+    """Ancestral DDPM (or DDIM with `sampler='ddim'`) over `steps` respaced steps."""
+    return sampling.make_sample_fn(
+        model, self.respaced(steps), sampler=sampler or "ddpm", cfg_scale=cfg_scale,
+        guide_channels=guide_channels or None, eta=eta,
+        clip_denoised=clip_denoised(self.clip_mode, data_kind), mesh=mesh,
+        null_label=models.null_label(model))
+
+  def provenance(self, fid, data_kind: str) -> dict:
+    return dict(objective=self.name, fid_sampler="ddpm", fid_guide_channels=fid.guide_channels,
+                clip_denoised=clip_denoised(self.clip_mode, data_kind))
 
 
-def make_sample_fn(config, ev, model, data_kind: str, mesh=None) -> Callable:
-  """The evaluation sampler of evaluator config `ev` (eval.grid or eval.fid) for `model`."""
-  if config.diffusion.objective == "flow":
+class Flow:
+  """Rectified flow / SiT's interpolants (`config.flow`)."""
+  name = "flow"
+  samplers = FLOW_SAMPLERS
+
+  def __init__(self, flow_cfg, learn_sigma: bool, clip_mode: str):
+    f = flow_cfg
+    self._cfg, self.clip_mode = f, clip_mode
+    self.process = flow_lib.create(path=f.path, prediction=f.prediction,
+                                   time_sampling=f.time_sampling, logit_mean=f.logit_mean,
+                                   logit_std=f.logit_std, shift=f.shift, learn_sigma=learn_sigma)
+
+  @classmethod
+  def learns_sigma(cls, requested: bool) -> bool:
+    del requested
+    return False  # a learned reverse variance is DDPM's
+
+  def _interval(self):
+    lo, hi = self._cfg.guidance_interval
+    return None if (lo, hi) == (0.0, 1.0) else (float(lo), float(hi))
+
+  def check_eval(self, name: str, ev) -> None:
+    if ev.guide_channels:
+      raise ValueError(f"eval.{name}.guide_channels applies to DDPM's eps channels; the flow "
+                       f"objective guides every channel (leave it at 0)")
+    self.check_steps(ev.respacing, f"eval.{name}.respacing")
+
+  @staticmethod
+  def check_steps(steps, what: str) -> None:
+    if not str(steps).isdigit() or int(steps) < 1:
+      raise ValueError(f"{what}={steps!r}: with the flow objective it is the number of "
+                       f"integration steps, a positive integer")
+
+  def sample_fn(self, model, *, steps: str, cfg_scale: float, guide_channels: int = 0,
+                data_kind: str = "images", mesh=None, sampler: str = "", eta: float = 0.0
+                ) -> Callable:
+    """The ODE (Euler, Heun) or SDE (Euler-Maruyama) sampler, `steps` integration steps."""
+    del data_kind, eta  # flow samples are never clipped; eta is DDIM's
+    if guide_channels:
+      raise ValueError("guide_channels applies to DDPM's eps channels; flow guides every channel")
     return flow_sampling.make_flow_sample_fn(
-        model, flow_from_config(config), method=config.flow.sampler, num_steps=int(ev.respacing),
-        cfg_scale=ev.cfg_scale, guidance_interval=_interval(config), mesh=mesh)
-  return sampling.make_sample_fn(model, diffusion_lib.from_config(config, ev.respacing),
-                                 cfg_scale=ev.cfg_scale, guide_channels=ev.guide_channels or None,
-                                 clip_denoised=clip_denoised(config, data_kind), mesh=mesh,
-                                 null_label=models.null_label(model))
+        model, self.process, method=sampler or self._cfg.sampler, num_steps=int(steps),
+        cfg_scale=cfg_scale, guidance_interval=self._interval(), mesh=mesh)
+
+  def provenance(self, fid, data_kind: str) -> dict:
+    del fid, data_kind
+    return dict(objective=self.name, fid_sampler=self._cfg.sampler, fid_guide_channels=0,
+                clip_denoised=False)
+
+
+REGISTRY = {"ddpm": Ddpm, "flow": Flow}
+OBJECTIVES = tuple(REGISTRY)
+
+
+def family(name: str):
+  """The objective class registered as `name` ('ddpm', 'flow'), with a clear error."""
+  if name not in REGISTRY:
+    raise ValueError(f"diffusion.objective={name!r}: use one of {OBJECTIVES}")
+  return REGISTRY[name]
+
+
+def _check_flow(f, learn_sigma: bool, text_enabled: bool) -> None:
+  """`f` (config.flow), and what the flow objective forbids of the rest of the config."""
+  if text_enabled:
+    raise ValueError("text conditioning (text.enabled) is implemented for the DDPM objective only")
+  if learn_sigma:
+    raise ValueError("learn_sigma=True applies to the DDPM objective only (a learned variance of "
+                     "the reverse process); set learn_sigma=False for diffusion.objective='flow'")
+  if f.sampler not in FLOW_SAMPLERS:
+    raise ValueError(f"flow.sampler={f.sampler!r}: use one of {FLOW_SAMPLERS}")
+  if len(tuple(f.guidance_interval)) != 2:
+    raise ValueError(f"flow.guidance_interval={tuple(f.guidance_interval)}: need two numbers "
+                     f"(lo, hi)")
+  lo, hi = f.guidance_interval
+  if not 0.0 <= lo < hi <= 1.0:
+    raise ValueError(f"flow.guidance_interval={tuple(f.guidance_interval)}: need "
+                     f"0 <= lo < hi <= 1 (flow time, 0 = noise)")
+
+
+def from_config(config) -> Any:
+  """The objective `config.diffusion.objective` names, its fields checked (diffusion.* or flow.*,
+  and the eval.grid / eval.fid sampler fields it reads); needs no data or devices."""
+  cls = family(config.diffusion.objective)
+  if config.eval.clip_denoised not in CLIP_MODES:
+    raise ValueError(f"eval.clip_denoised={config.eval.clip_denoised!r}: use one of {CLIP_MODES}")
+  if cls is Flow:
+    _check_flow(config.flow, config.learn_sigma, config.text.enabled)
+    objective = Flow(config.flow, config.learn_sigma, config.eval.clip_denoised)
+  else:
+    objective = Ddpm(config.diffusion, config.learn_sigma, config.eval.clip_denoised)
+  for name in ("grid", "fid"):
+    objective.check_eval(name, config.eval[name])
+  return objective

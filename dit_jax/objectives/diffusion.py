@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax.objectives.per_example import mean_flat, per_example_keys, per_example_normal
+
 PREDICTIONS = ("eps", "x0", "v")
 SCHEDULES = ("linear", "cosine")
 # DiT and diffusers call the ADM cosine schedule by its diffusers name.
@@ -90,22 +92,6 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
       pos += stride
     start += size
   return sorted(kept)
-
-
-def per_example_keys(key, batch: int):
-  """Example i's key depends only on (key, i): independent of the batch's sharding and device."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
-
-
-def per_example_normal(rng: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-  """Standard normal [B, ...]; row i comes from fold_in(rng, i), whatever B and the sharding."""
-  return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), dtype))(
-      per_example_keys(rng, shape[0]))
-
-
-def mean_flat(x: jax.Array) -> jax.Array:
-  """Mean over all non-batch axes."""
-  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -404,10 +390,3 @@ def create(schedule: str = "linear", timesteps: int = 1000,
       sigma_small=bool(sigma_small),
       prediction=prediction,
   )
-
-
-def from_config(config, respacing: str = "") -> Diffusion:
-  """The training config's process (`config.diffusion`, `config.learn_sigma`), respaced if asked."""
-  return create(schedule=config.diffusion.schedule, timesteps=config.diffusion.timesteps,
-                respacing=respacing, learn_sigma=config.learn_sigma,
-                prediction=config.diffusion.prediction)

@@ -30,7 +30,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dit_jax.objectives.diffusion import mean_flat, per_example_normal
+from dit_jax.objectives.per_example import mean_flat, per_example_normal
 
 PATHS = ("linear", "gvp")
 PREDICTIONS = ("velocity", "noise", "data")

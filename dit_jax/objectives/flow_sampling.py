@@ -7,7 +7,7 @@ Euler and Euler-Maruyama call the model num_steps times (+1 for an SDE last step
 SiT's `num_steps` counts grid points instead: its ODE with N takes N - 1 steps, and its SDE with N
 takes N - 1 Euler-Maruyama steps plus the last step, i.e. num_steps = N - 1 here.
 
-Noise is per example (`diffusion.per_example_normal`): example i's draws depend only on (rng, i,
+Noise is per example (`per_example.per_example_normal`): example i's draws depend only on (rng, i,
 step), so samples do not depend on the batch size or its sharding.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 
 from dit_jax import sharding as sharding_lib
 from dit_jax.objectives.flow import Flow, broadcast_t, shift_sigma, shift_time
-from dit_jax.objectives.diffusion import per_example_normal
+from dit_jax.objectives.per_example import per_example_normal
 from dit_jax.objectives.sampling import cfg_mix, cfg_model_fn, cond_and_uncond, start
 
 METHODS = ("euler", "heun", "euler_maruyama")

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from dit_jax import sharding as sharding_lib
-from dit_jax.objectives.diffusion import Diffusion, extract, per_example_normal
+from dit_jax.objectives.diffusion import Diffusion, extract
+from dit_jax.objectives.per_example import per_example_normal
 
 
 def ddpm_step(diffusion: Diffusion, model_out, x_t, t_B, noise, clip_denoised: bool = False):
