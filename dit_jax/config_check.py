@@ -1,13 +1,14 @@
 """Every config check, in one fixed order, before any data is read or anything compiles.
 
 Each concept keeps its check next to its factory (`models.check_config`, `train_step.check_config`,
-`evaluators.check_config`, ...); this module only decides the order and runs them:
+`evaluators.check_config`, `objectives.from_config`, ...) and reads only its own sub-config; this
+module hands each its part of the root config, decides the order and runs them:
 
 1. `check(config)`: fields that need neither data nor devices (renamed fields first);
 2. `check_with_data(config, source)`: the model and the evaluators against the data's shape (a
    text run's source is the caption source: `captions.training_source` checked the class names,
    template and caption length when it built it);
-3. `check_devices(config, mesh)`: batch sizes against the mesh, right after the mesh exists.
+3. `check_devices(batch_size, eval.fid, mesh)`: batch sizes against the mesh, right after the mesh exists.
 
 `train.train_and_evaluate` runs all three before it builds a feature network or compiles; the sweep
 runs 1 and 2 for every member up front.
@@ -20,13 +21,13 @@ import pathlib
 
 from flax import traverse_util
 
-from dit_jax.data import captions
-from dit_jax.training import distributed
-from dit_jax.evaluation import evaluators
 from dit_jax import models
 from dit_jax import objectives
 from dit_jax import sharding as sharding_lib
+from dit_jax.data import captions
 from dit_jax.data import splits
+from dit_jax.evaluation import evaluators
+from dit_jax.training import distributed
 from dit_jax.training import train_step
 
 # Fields that were renamed: an old name in a config file or on the command line is an error that
@@ -83,8 +84,7 @@ def check_argv(argv) -> None:
       raise ValueError(f"--config.{field}: {specs[-1]} has no field {field!r}{hint}")
 
 
-def _has(config, dotted: str) -> bool:
-  node = config
+def _has(node, dotted: str) -> bool:
   for part in dotted.split("."):
     if not hasattr(node, "keys") or part not in node:
       return False
@@ -92,7 +92,11 @@ def _has(config, dotted: str) -> bool:
   return True
 
 
-def _check_run(config) -> None:
+def check(config) -> None:
+  """Config errors that need no data or devices, in a fixed order."""
+  for old in RENAMED:
+    if _has(config, old):
+      raise ValueError(renamed_message(old))
   if config.batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {config.batch_size}")
   if config.num_train_steps < 0:
@@ -109,36 +113,28 @@ def _check_run(config) -> None:
   if len(tuple(config.mesh_shape)) != len(sharding_lib.MESH_AXES):
     raise ValueError(f"mesh_shape {tuple(config.mesh_shape)} must have {len(sharding_lib.MESH_AXES)}"
                      f" entries, for axes {sharding_lib.MESH_AXES}")
-
-
-def check(config) -> None:
-  """Config errors that need no data or devices, in a fixed order."""
-  for old in RENAMED:
-    if _has(config, old):
-      raise ValueError(renamed_message(old))
-  _check_run(config)
-  train_step.check_config(config)
-  captions.check_config(config)
-  models.check_config(config)  # with text on: whether the family reads a context
-  objectives.check_config(config)
+  train_step.check_config(config.optim, config.ema_decay)
+  captions.check_config(config.get("text"), config.class_conditional)
+  models.check_config(models.model_config(config))  # with text on: whether it reads a context
+  objectives.from_config(config)  # diffusion.* / flow.*, and the samplers of eval.grid, eval.fid
   splits.check_config(config.data)
-  evaluators.check_config(config)
+  evaluators.check_config(config.eval, config.data.val_size)
   distributed.check_config(config.distributed)
 
 
 def check_with_data(config, source):
   """The model for this data (returned, validated) and the evaluators that depend on it."""
-  captions.check_with_data(config, source)
-  model = models.create(config, source.image_shape, source.num_classes,
+  captions.check_with_data(config.get("text"), source)
+  model = models.create(models.model_config(config), source.image_shape, source.num_classes,
                         tokenizer=captions.tokenizer_of(source))
-  evaluators.check_with_data(config, source, model)
+  evaluators.check_with_data(config.eval, config.data, source)
   return model
 
 
-def check_devices(config, mesh) -> None:
-  """Batch sizes against the mesh's data-parallel size."""
-  sharding_lib.check_batch(config.batch_size, mesh)
-  q = config.eval.fid
+def check_devices(batch_size: int, q, mesh) -> None:
+  """Batch sizes (the training batch, `q`: config.eval.fid) against the mesh's data-parallel
+  size."""
+  sharding_lib.check_batch(batch_size, mesh)
   n = sharding_lib.data_parallel_size(mesh)
   if q.every_steps and q.num_samples and q.batch_size % n:
     raise ValueError(f"eval.fid.batch_size={q.batch_size} is not divisible by the data-parallel "

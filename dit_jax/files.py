@@ -36,22 +36,43 @@ def read_jsonl(path) -> list[dict]:
   return rows
 
 
-def append_jsonl(path, rows) -> None:
-  """Appends rows, one JSON object per line; a torn last line left by a crash is cut off first."""
-  path = pathlib.Path(path)
-  if not rows:
-    return
-  with open(path, "a+b") as f:
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
+class JsonlAppender:
+  """An open JSON-lines file for appending, one object per line, flushed after each. Opening it
+  cuts off a torn last line a crash left (a partial object with no newline), with a warning, so
+  what is appended never continues a broken line: the one place every JSON-lines log is written
+  (results.jsonl, metrics.jsonl, batch_hashes.*.jsonl)."""
+
+  def __init__(self, path):
+    self.path = pathlib.Path(path)
+    self._f = open(self.path, "a+b")
+    self._f.seek(0, os.SEEK_END)
+    size = self._f.tell()
     if size:
-      f.seek(max(0, size - 65536))
-      tail = f.read()
+      self._f.seek(max(0, size - 65536))
+      tail = self._f.read()
       if not tail.endswith(b"\n"):
         keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
-        warnings.warn(f"{path}: dropping a torn last line before appending")
-        f.truncate(keep)
-    f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+        warnings.warn(f"{self.path}: dropping a torn last line before appending")
+        self._f.truncate(keep)
+        self._f.seek(keep)
+
+  def write(self, *rows: dict) -> None:
+    self._f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+
+def append_jsonl(path, rows) -> None:
+  """Appends rows to a JSON-lines file (JsonlAppender: a torn last line is cut off first)."""
+  if not rows:
+    return
+  out = JsonlAppender(path)
+  try:
+    out.write(*rows)
+  finally:
+    out.close()
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -59,13 +80,6 @@ def atomic_write_text(path, text: str) -> None:
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(data)
   os.replace(tmp, path)
 
 

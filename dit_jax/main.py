@@ -12,10 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_jax.training import compile_cache
 from dit_jax import config_check
-from dit_jax.training import distributed
 from dit_jax.sweep import runner as sweep
+from dit_jax.training import compile_cache
 from dit_jax.training import train
 
 FLAGS = flags.FLAGS
@@ -42,8 +41,6 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # the sweep prints its own progress lines
   logging.info("config:\n%s", config)
   compile_cache.enable()  # seeds, resumes and re-runs load their programs instead of compiling
-  # Before anything touches a device: the sweep compiles cost analyses before its first member.
-  distributed.maybe_initialize(config.distributed)
   if "sweep" in config:
     failed = sweep.run(config, workdir)
     if failed:

@@ -12,13 +12,13 @@ import numpy as np
 import optax
 
 from configs import default as default_config
-from dit_jax.training import checkpoint as checkpoint_lib
-from dit_jax.data import datasets
-from dit_jax.models import dit as dit_lib
+from dit_jax import files
 from dit_jax import models
 from dit_jax import sharding
+from dit_jax.data import datasets
+from dit_jax.models import dit as dit_lib
+from dit_jax.training import checkpoint as checkpoint_lib
 from dit_jax.training import train_step
-from dit_jax import files
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,7 @@ def tree_hash(tree) -> str:
 def tiny_abstract_state():
   """The abstract TrainState of TINY_FLAGS's model (8x8x1 digits, 10 classes) on one device."""
   config = tiny_config()
-  model = models.create(config, (8, 8, 1), 10)
+  model = models.create(models.model_config(config), (8, 8, 1), 10)
   abstract, _ = train_step.state_shardings(model, train_step.create_optimizer(config.optim),
                                       sharding.create_mesh((-1, 1, 1)))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_jax.evaluation import evaluators, fid
 from dit_jax import files
-from dit_jax.data import sources, splits
 from dit_jax import sharding as sharding_lib
+from dit_jax.data import sources, splits
+from dit_jax.evaluation import evaluators, fid
 from tests.helpers import tiny_config
 
 
@@ -55,7 +55,7 @@ def test_reference_sample_is_stratified(tmp_path):
   config = tiny_config(**{"data.name": "folder", "data.path": str(root), "data.channels": 1,
                           "eval.fid.reference_size": 10})
   src = sources.create_source(config.data)
-  images, labels = evaluators.reference_sample(config, src)
+  images, labels = evaluators.reference_sample(config.eval.fid, config.eval.seed, src)
   assert len(images) == 10
   np.testing.assert_array_equal(np.bincount(labels), [5, 5])
 
@@ -74,7 +74,7 @@ def _made(path, cache):
                           "eval.fid.cache_dir": str(cache), "eval.fid.num_samples": 16})
   src = sources.create_source(config.data)
   mesh = sharding_lib.create_mesh((-1, 1, 1))
-  return evaluators.feature_network_and_reference(config, src, mesh)
+  return evaluators.feature_network_and_reference(config.eval, config.data, src, mesh)
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax.training import checkpoint as checkpoint_lib
 from dit_jax import sharding
+from dit_jax.training import checkpoint as checkpoint_lib
 from dit_jax.training import train_step
 
 from tests.helpers import (main_cmd, restore_final, subprocess_env, tiny_model, tiny_optim,

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dit_jax.data import datasets
+from dit_jax.data import images
 from dit_jax.data import latent_format
 from dit_jax.data import pipeline
 from dit_jax.data import sources
@@ -64,7 +65,7 @@ def _adm_reference_crop(pil_image, image_size):
 def test_adm_center_crop_matches_reference(shared_data, size, src_wh):
   with Image.open(shared_data / "cifar10_test_jpg/test/horse/0007.jpg") as im:
     im = im.convert("RGB").resize(src_wh, Image.BICUBIC)  # a real photo at an awkward size
-  ours = sources.center_crop_arr(im, size)
+  ours = images.center_crop_arr(im, size)
   assert ours.shape == (size, size, 3)
   np.testing.assert_array_equal(ours, _adm_reference_crop(im, size))
 
@@ -78,7 +79,7 @@ def test_digits_default_is_offline_and_resized():
   assert src.class_names == tuple("0123456789")
   x, y = src.read(np.arange(5), np.zeros(5, bool))
   np.testing.assert_array_equal(y, labels[:5])
-  ref = sources.center_crop_arr(Image.fromarray(raw[3, ..., 0]), 16)  # 8 -> 16 BICUBIC upsample
+  ref = images.center_crop_arr(Image.fromarray(raw[3, ..., 0]), 16)  # 8 -> 16 BICUBIC upsample
   np.testing.assert_array_equal(x[3, ..., 0], ref)
 
 

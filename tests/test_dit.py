@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax.models import convert, dit, embeddings, flops, patchify
 from dit_jax import models
+from dit_jax.models import convert, dit, embeddings, flops, patchify
 
 # Table 4: params (M) and Gflops for patch 8 / 4 / 2 (shared/REFERENCE.md).
 TABLE4 = {

@@ -27,11 +27,11 @@ import numpy as np
 from flax import traverse_util
 
 from configs import dit_sweep
+from dit_jax import files
+from dit_jax.data import sources
 from dit_jax.evaluation import evaluators
 from dit_jax.evaluation import fid
-from dit_jax import files
 from dit_jax.evaluation import inception
-from dit_jax.data import sources
 from tests.helpers import REPO, subprocess_env
 from tests.helpers import load_tool
 
@@ -167,14 +167,15 @@ def test_latents_choose_the_feature_network_by_the_decoded_size(tmp_path):
   latents = lambda side: types.SimpleNamespace(kind="latents", image_shape=(side, side, 4),
                                                   name="latents")
   config = _latents_config(tmp_path)
-  images = evaluators.feature_images(config, latents(32))
+  images = evaluators.feature_images(config.eval, config.data, latents(32))
   assert (images["image_size"], images["channels"]) == (256, 3)
   assert fid.resolve_network("auto", images["image_size"], images["channels"]) == "inception"
-  evaluators.check_with_data(config, latents(32), None)
+  evaluators.check_with_data(config.eval, config.data, latents(32))
+  cnn = _latents_config(tmp_path, "cnn")
   with pytest.raises(ValueError, match="latents have no labelled pixels"):
-    evaluators.check_with_data(_latents_config(tmp_path, "cnn"), latents(32), None)
+    evaluators.check_with_data(cnn.eval, cnn.data, latents(32))
   with pytest.raises(ValueError, match="for the 32 px decoded images"):
-    evaluators.check_with_data(config, latents(4), None)
+    evaluators.check_with_data(config.eval, config.data, latents(4))
   config.eval.vae_path = str(tmp_path / "no_vae")
   with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/sd-vae-ft-ema"):
-    evaluators.check_with_data(config, latents(32), None)
+    evaluators.check_with_data(config.eval, config.data, latents(32))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dit_jax.objectives import diffusion as diffusion_lib
 from dit_jax import sharding
+from dit_jax.objectives import diffusion as diffusion_lib
 from dit_jax.training import train_step
 from tests.helpers import tiny_batch, tiny_model, tiny_optim
 

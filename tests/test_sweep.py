@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from dit_jax.sweep import members as members_lib
 from dit_jax import files
+from dit_jax.sweep import members as members_lib
 from dit_jax.sweep import runner as sweep
 from dit_jax.training import train
 
@@ -53,8 +53,7 @@ def test_two_member_sweep_end_to_end_and_rerun(tmp_path, monkeypatch):
   assert got[2]["gflops"] > got[0]["gflops"]  # patch 4 costs more than patch 8
   assert [r.get("final", False) for r in got] == [False, True, False, True]
 
-  summary = plot_scaling.main([str(work / "results.jsonl"), "--out", str(tmp_path / "plots"),
-                               "--n-boot", "100"])
+  summary = plot_scaling.run([str(work / "results.jsonl")], str(tmp_path / "plots"), n_boot=100)
   for name in ("fid_vs_gflops", "fid_vs_steps", "fid_vs_compute"):
     for ext in ("png", "svg"):
       assert (tmp_path / "plots" / f"{name}.{ext}").stat().st_size > 1000
@@ -94,7 +93,8 @@ def test_member_selection_and_config_errors(tmp_path):
   names = members_lib.model_names(config.sweep)
   assert names[:3] == ["DiT-Pico/8", "DiT-Pico/4", "DiT-Pico/2"] and names[-1] == "UNet-Pico"
   config.sweep.seeds, config.sweep.objectives = (0, 1), ("ddpm", "flow")
-  members = members_lib.plan(config, {n: 1.0 for n in names})
+  members = members_lib.plan(config.sweep, config.num_train_steps, config.batch_size,
+                             {n: 1.0 for n in names})
   assert len(members) == len(names) * 4
   assert [m.run for m in members[:4]] == ["DiT-Pico/8-s0", "DiT-Pico/8-s1", "DiT-Pico/8-flow-s0",
                                           "DiT-Pico/8-flow-s1"]

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax.objectives import diffusion
 from dit_jax.models import dit, text, unet
+from dit_jax.objectives import diffusion
 from tests.helpers import (KEY, REPO, load_tool, mnist_batch, overfit, read_jsonl, subprocess_env,
                            tiny_text_config)
 
@@ -222,7 +222,7 @@ def test_tiny_text_conditioned_dit_overfits_a_batch_of_mnist(shared_data):
 
 def _digits_source(config):
   from dit_jax.data import captions, sources
-  return captions.training_source(config, sources.create_source(config.data))
+  return captions.training_source(config.text, sources.create_source(config.data))
 
 
 def test_caption_source_and_pipeline_carry_token_ids():
@@ -230,7 +230,7 @@ def test_caption_source_and_pipeline_carry_token_ids():
   from dit_jax import sharding
   config = tiny_text_config()
   plain = sources.create_source(config.data)
-  src = captions.training_source(config, plain)
+  src = captions.training_source(config.text, plain)
   assert isinstance(src, captions.CaptionSource) and src.label_shape == (5,)
   assert src.captions[7] == "a handwritten digit seven"  # digits names its classes '0'..'9'
   idx, flips = np.array([5, 0, 200]), np.array([True, False, False])
@@ -249,11 +249,12 @@ def test_caption_source_and_pipeline_carry_token_ids():
 
 def test_registry_wraps_the_backbone_and_counts_the_encoder():
   from dit_jax import models
-  from dit_jax.sweep import runner as sweep
+  from dit_jax import config_check
   config = tiny_text_config(model="DiT-S/4", depth=4, hidden_size=0, num_heads=0,
                             **{"data.image_size": 16, "text.width": 128, "text.num_heads": 4})
   src = _digits_source(config)
-  model = models.create(config, src.image_shape, src.num_classes, tokenizer=src.tokenizer)
+  model = models.create(models.model_config(config), src.image_shape, src.num_classes,
+                        tokenizer=src.tokenizer)
   assert isinstance(model, text.TextConditioned)
   assert (model.model.num_classes, model.model.context_dim) == (0, 128)
   assert models.family_of(model).name == "DiT"
@@ -261,11 +262,12 @@ def test_registry_wraps_the_backbone_and_counts_the_encoder():
   backbone = models.gflops(model.model, context_length=src.tokenizer.max_length)
   assert models.gflops(model) == pytest.approx(backbone + text.encoder_macs(model.encoder) / 1e9)
   assert models.xla_gflops(model) == pytest.approx(models.gflops(model), rel=0.02)
-  row = sweep.describe_model(config, src)  # what a text sweep records per member
+  # what a text sweep records per member (sweep.runner.preflight)
+  row = models.describe(config_check.check_with_data(config, src), config.model)
   assert row["params"] == sum(x.size for x in jax.tree.leaves(models.abstract_params(model)))
   assert (row["family"], row["size"], row["gflops"]) == ("DiT", "S", models.gflops(model))
   with pytest.raises(ValueError, match="tokenizer"):
-    models.create(config, src.image_shape, src.num_classes)
+    models.create(models.model_config(config), src.image_shape, src.num_classes)
 
 
 def _stub_feature_network(data_cfg, network, cache_dir=None, labelled_images=None, log=None):
@@ -311,7 +313,8 @@ def test_text_dit_trains_through_the_main_loop(text_run):
   assert grid.shape == (2 + 3 * 10, 2 + 4 * 10) and grid.std() > 0  # 10 captions: 3 rows of 4
   rows = read_jsonl(workdir / "metrics.jsonl")
   src = _digits_source(config)
-  model = models.create(config, src.image_shape, src.num_classes, tokenizer=src.tokenizer)
+  model = models.create(models.model_config(config), src.image_shape, src.num_classes,
+                        tokenizer=src.tokenizer)
   assert next(r["gflops_per_image"] for r in rows if "gflops_per_image" in r) == pytest.approx(
       models.gflops(model))
   assert np.isfinite(next(r["fid_stub"] for r in rows if "fid_stub" in r))

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax.training import checkpoint as checkpoint_lib
+from dit_jax import models
+from dit_jax import sharding
 from dit_jax.data import pipeline as pipeline_lib
 from dit_jax.objectives import diffusion as diffusion_lib
-from dit_jax import sharding
-from dit_jax import models
+from dit_jax.training import checkpoint as checkpoint_lib
 from dit_jax.training import train
 from dit_jax.training import train_step
 
@@ -161,7 +161,7 @@ def test_nonfinite_streak_stops_and_keeps_last_good_checkpoint(tmp_path, monkeyp
   assert ckpt.all_steps() == [2]  # nothing saved while updates were being skipped
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           train_step.state_shardings(
-                              models.create(config, (8, 8, 1), 10),
+                              models.create(models.model_config(config), (8, 8, 1), 10),
                               train_step.create_optimizer(config.optim),
                               sharding.create_mesh((-1, 1, 1)))[0])
   state, data_state = ckpt.restore(None, abstract)
@@ -176,7 +176,7 @@ def test_the_trainer_trains_a_unet_through_the_same_loop(tmp_path):
                        hidden_size=0, num_heads=0, **{"eval.grid.every_steps": 2,
                                                       "eval.grid.respacing": "3",
                                                       "eval.grid.num_samples": 4})
-  model = models.create(config, (8, 8, 1), 10)
+  model = models.create(models.model_config(config), (8, 8, 1), 10)
   assert isinstance(model, unet.UNet) and model.num_classes == 10
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2

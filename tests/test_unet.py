@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax.objectives import diffusion
-from dit_jax.models import flops, unet
 from dit_jax import models
+from dit_jax.models import flops, unet
+from dit_jax.objectives import diffusion
 from tests.helpers import KEY, mnist_batch, overfit
 
 

@@ -2,7 +2,7 @@
 
 With `text.enabled`, a run reads a `CaptionSource`: the class-labelled source of `data.*` whose labels
 are replaced by the token ids (N, L) of their class's caption ("a handwritten digit seven"). The
-tokenizer is a pure function of (config, source): the vocabulary of the class captions. The trainer
+tokenizer is a pure function of (config.text, source): the vocabulary of the class captions. The trainer
 saves it as `tokenizer.json` in the workdir, so a trained run is sampled with the vocabulary it saw.
 The model side (wrapping the backbone in `text.TextConditioned`) is `models.create`'s.
 """
@@ -19,11 +19,10 @@ from dit_jax.models import text
 TOKENIZER_FILE = "tokenizer.json"  # next to config.json in a training workdir
 
 
-def check_config(config) -> None:
-  """The `text` fields; needs no data or devices (the backbone's side: models.check_config)."""
-  if not text.enabled(config):
+def check_config(t, class_conditional: bool) -> None:
+  """The `text` fields `t`; needs no data or devices (the backbone's side: models.check_config)."""
+  if not text.enabled(t):
     return
-  t = config.text
   if t.width < 1 or t.depth < 1 or t.num_heads < 1:
     raise ValueError(f"text.width, text.depth and text.num_heads must be >= 1, got {t.width}, "
                      f"{t.depth}, {t.num_heads}")
@@ -36,7 +35,7 @@ def check_config(config) -> None:
     raise ValueError(f"text.max_length must be >= 0 (0 = the longest caption), got {t.max_length}")
   if t.template and "{}" not in t.template:
     raise ValueError(f"text.template={t.template!r} needs a '{{}}' where the class name goes")
-  if not config.class_conditional:
+  if not class_conditional:
     raise ValueError("text.enabled conditions on captions of the class labels, class_conditional="
                      "False asks for an unconditional model: turn one of them off")
 
@@ -58,10 +57,10 @@ def class_names(source: sources.Source) -> tuple:
   return names
 
 
-def template(config, source: sources.Source) -> str:
+def template(text_cfg, source: sources.Source) -> str:
   """The caption template: text.template, else the dataset's from text.TEMPLATES."""
-  if config.text.template:
-    return config.text.template
+  if text_cfg.template:
+    return text_cfg.template
   if source.name not in text.TEMPLATES:
     raise ValueError(f"no caption template for data {source.name!r}: set text.template, e.g. "
                      f"'a photo of a {{}}' (known: {sorted(text.TEMPLATES)})")
@@ -81,26 +80,27 @@ class CaptionSource(sources.Source):
     return x, self.caption_ids[labels]
 
 
-def training_source(config, source: sources.Source) -> sources.Source:
-  """What a run reads: `source`, or with text on a CaptionSource over it. Raises ValueError on
-  missing class names, a missing template or a text.max_length too short for the captions."""
-  if not text.enabled(config):
+def training_source(text_cfg, source: sources.Source) -> sources.Source:
+  """What a run reads: `source`, or with text on (`text_cfg`: config.text) a CaptionSource over it.
+  Raises ValueError on missing class names, a missing template or a text.max_length too short for
+  the captions."""
+  if not text.enabled(text_cfg):
     return source
   if isinstance(source, CaptionSource):
     raise ValueError("the source already has captions")
-  caps = tuple(text.class_captions(class_names(source), template(config, source)))
-  tok = text.Tokenizer.build(caps, config.text.max_length or None)
+  caps = tuple(text.class_captions(class_names(source), template(text_cfg, source)))
+  tok = text.Tokenizer.build(caps, text_cfg.max_length or None)
   fields = {f.name: getattr(source, f.name) for f in dataclasses.fields(sources.Source)}
   return CaptionSource(**dict(fields, label_shape=(tok.max_length,)), base=source, tokenizer=tok,
                        captions=caps, caption_ids=tok.encode(caps))
 
 
-def check_with_data(config, source: sources.Source) -> None:
+def check_with_data(text_cfg, source: sources.Source) -> None:
   """A text run reads a CaptionSource (training_source), a class-label run does not."""
-  if text.enabled(config) != isinstance(source, CaptionSource):
-    raise ValueError(f"text.enabled={text.enabled(config)} but the source "
+  if text.enabled(text_cfg) != isinstance(source, CaptionSource):
+    raise ValueError(f"text.enabled={text.enabled(text_cfg)} but the source "
                      f"{'has' if isinstance(source, CaptionSource) else 'has no'} captions: build "
-                     f"it with captions.training_source(config, source)")
+                     f"it with captions.training_source(config.text, source)")
 
 
 def tokenizer_of(source: sources.Source):
@@ -129,9 +129,10 @@ def save_tokenizer(workdir, tokenizer: text.Tokenizer) -> None:
   tokenizer.save(path)
 
 
-def load_tokenizer(workdir, config):
-  """The tokenizer a text run saved in its workdir; None for a class-label run."""
-  if not text.enabled(config):
+def load_tokenizer(workdir, text_cfg):
+  """The tokenizer a text run (`text_cfg`: its config.text) saved in its workdir; None for a
+  class-label run."""
+  if not text.enabled(text_cfg):
     return None
   path = pathlib.Path(workdir) / TOKENIZER_FILE
   if not path.is_file():

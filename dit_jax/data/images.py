@@ -1,5 +1,8 @@
-"""The pixel encoding both ways, and PNG grids.
+"""Pixels in and out: ADM's centre crop to the training size, the pixel encoding both ways, and PNG
+grids.
 
+`prepare_image` resizes every source's images as ADM and DiT do (`center_crop_arr`: BOX-halve, then
+BICUBIC, then a centre crop), converting grey <-> RGB when asked.
 uint8 pixels become model inputs in [-1, 1] by `to_unit_range`, x / 127.5 - 1: the training
 pipeline, the validation loss, the latent extraction and the CNN feature network all use it.
 Samples in [-1, 1] become uint8 as DiT's `sample_ddp.py` and ADM save them:
@@ -11,6 +14,35 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+  """ADM's centre crop: BOX-halve while the short side >= 2*size, BICUBIC short side to size, crop."""
+  while min(pil_image.size) >= 2 * image_size:
+    pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+  scale = image_size / min(pil_image.size)
+  pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size),
+                               resample=Image.BICUBIC)
+  arr = np.asarray(pil_image)
+  top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+  return arr[top:top + image_size, left:left + image_size]
+
+
+def _to_pil(image_HxWxC: np.ndarray, channels: int) -> Image.Image:
+  im = Image.fromarray(image_HxWxC[..., 0] if image_HxWxC.shape[-1] == 1 else image_HxWxC)
+  if channels:
+    im = im.convert({1: "L", 3: "RGB"}[channels])
+  return im
+
+
+def prepare_image(image_HxWxC: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+  """One uint8 image -> (image_size, image_size, C) uint8 via ADM's crop, channels converted."""
+  h, w, c = image_HxWxC.shape
+  if (h, w) == (image_size, image_size) and channels in (0, c):
+    return image_HxWxC
+  arr = center_crop_arr(_to_pil(image_HxWxC, channels), image_size)
+  return arr[..., None] if arr.ndim == 2 else arr
 
 
 def to_unit_range(images_u8, dtype=np.float32, clip: bool = True):

@@ -5,6 +5,7 @@ and every training seed of a sweep holds out the same examples and is scored on 
 """
 import numpy as np
 
+from dit_jax import rng as rng_lib
 from dit_jax.data import sources
 
 
@@ -39,5 +40,5 @@ def split(source: sources.Source, val_size: int, seed: int):
   if val_size >= source.num_examples:
     raise ValueError(f"data.val_size={val_size} leaves no training examples of the "
                      f"{source.num_examples} in {source.name}")
-  perm = np.random.default_rng([seed, 7]).permutation(source.num_examples)
+  perm = rng_lib.numpy_rng(seed, rng_lib.SPLIT).permutation(source.num_examples)
   return Subset(source, np.sort(perm[val_size:])), Subset(source, np.sort(perm[:val_size]))

@@ -1,6 +1,7 @@
 """Evaluators: what the training loop runs on the EMA params every so many steps.
 
-Each evaluator is built from the config and has one interface, `run(params, step) -> dict` of
+Each evaluator is built from its own sub-config (`eval.grid`, `eval.fid`, `eval.val`) and the run's
+objective (`objectives.from_config`), and has one interface, `run(params, step) -> dict` of
 scalars, plus `name` and `every_steps`; the loop calls them without knowing what they compute:
 
 - `SampleGrid` (`eval.grid.*`): a PNG grid of EMA samples (labels 0, 1, 2, ...) in workdir/samples.
@@ -31,24 +32,25 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from dit_jax.data import captions
-from dit_jax.objectives import diffusion as diffusion_lib
-from dit_jax.evaluation import fid
 from dit_jax import files
-from dit_jax.evaluation import images as images_lib
-from dit_jax.evaluation import inception
 from dit_jax import models
-from dit_jax import objectives
+from dit_jax import rng as rng_lib
 from dit_jax import sharding as sharding_lib
+from dit_jax.data import captions
+from dit_jax.data import images as images_lib
 from dit_jax.data import sources
+from dit_jax.evaluation import fid
+from dit_jax.evaluation import inception
 from dit_jax.models import vae as vae_lib
+from dit_jax.objectives import per_example
 
 FEATURE_NETWORKS = ("auto", "inception", "cnn")
 
 
-def check_config(config) -> None:
-  """The `eval` fields that need no data or devices."""
-  grid, q = config.eval.grid, config.eval.fid
+def check_config(eval_cfg, val_size: int) -> None:
+  """The `eval` fields that need no data or devices (`val_size`: data.val_size). The sampler
+  fields an objective reads (respacing, guide_channels) are checked by objectives.from_config."""
+  grid, q = eval_cfg.grid, eval_cfg.fid
   for name, ev in (("grid", grid), ("fid", q)):
     if ev.every_steps < 0:
       raise ValueError(f"eval.{name}.every_steps must be >= 0 (0 = off), got {ev.every_steps}")
@@ -56,18 +58,13 @@ def check_config(config) -> None:
       raise ValueError(f"eval.{name}.cfg_scale={ev.cfg_scale}: use 1 for no guidance, > 1 to guide")
     if ev.guide_channels < 0:
       raise ValueError(f"eval.{name}.guide_channels must be >= 0 (0 = all), got {ev.guide_channels}")
-    if config.diffusion.objective == "ddpm":
-      try:
-        diffusion_lib.from_config(config, ev.respacing)
-      except ValueError as e:
-        raise ValueError(f"eval.{name}.respacing={ev.respacing!r}: {e}") from None
-  val = config.eval.val
+  val = eval_cfg.val
   if val.every_steps < 0 or (val.every_steps and (val.num_examples < 1 or val.num_timesteps < 1
                                                    or val.batch_size < 1)):
     raise ValueError(f"eval.val: every_steps must be >= 0, and num_examples, num_timesteps and "
                      f"batch_size >= 1 (got {val.every_steps}, {val.num_examples}, "
                      f"{val.num_timesteps}, {val.batch_size})")
-  if val.every_steps and not config.data.val_size:
+  if val.every_steps and not val_size:
     raise ValueError("eval.val.every_steps > 0 needs a held-out split: set data.val_size > 0")
   if grid.every_steps and grid.num_samples < 1:
     raise ValueError(f"eval.grid.num_samples must be >= 1, got {grid.num_samples}")
@@ -82,21 +79,21 @@ def check_config(config) -> None:
                        f"{FEATURE_NETWORKS}")
 
 
-def check_with_data(config, source, model) -> None:
-  """The `eval` fields that depend on the data and the model (before any evaluator is built)."""
+def check_with_data(eval_cfg, data_cfg, source) -> None:
+  """The `eval` fields that depend on the data (before any evaluator is built)."""
   eps_channels = source.image_shape[-1]
   for name in ("grid", "fid"):
-    g = config.eval[name].guide_channels
+    g = eval_cfg[name].guide_channels
     if g > eps_channels:
       raise ValueError(f"eval.{name}.guide_channels={g}, but the model predicts {eps_channels} "
                        f"eps channels (the rest are variance values, never guided)")
-  q = config.eval.fid
+  q = eval_cfg.fid
   if q.every_steps and q.num_samples and source.kind == "latents":
-    if not (q.reference and config.eval.vae_path):
+    if not (q.reference and eval_cfg.vae_path):
       raise ValueError("eval.fid on latents needs eval.fid.reference (reference statistics .npz, "
                        "e.g. ADM's VIRTUAL_imagenet256_labeled.npz) and eval.vae_path (the SD-VAE "
                        "that decodes samples)")
-    images = feature_images(config, source)
+    images = feature_images(eval_cfg, data_cfg, source)
     if fid.resolve_network(q.feature_network, images["image_size"], images["channels"]) == "cnn":
       # The dataset CNN is trained on the dataset's labelled pixels, which latents do not have.
       raise ValueError(
@@ -104,21 +101,20 @@ def check_with_data(config, source, model) -> None:
           f"{images['image_size']} px decoded images, but latents have no labelled pixels to train "
           f"it on; use 'inception' (with an Inception reference such as ADM's), or 'auto' with "
           f"decoded images of 64 px and more")
-  del model
 
 
-def feature_images(config, source) -> dict:
+def feature_images(eval_cfg, data_cfg, source) -> dict:
   """The data config of the images the feature network sees: for latents, the VAE's decodings
   (latent side x the VAE's downsampling factor, its output channels), not the latents."""
-  data_cfg = dict(config.data.to_dict(), image_size=source.image_shape[0], identity=source.name)
+  images = dict(data_cfg.to_dict(), image_size=source.image_shape[0], identity=source.name)
   if source.kind == "latents":
-    path = pathlib.Path(config.eval.vae_path)
+    path = pathlib.Path(eval_cfg.vae_path)
     if not (path / "config.json").is_file():
       raise FileNotFoundError(vae_lib.missing_weights_message(path))
     vae_cfg = vae_lib.VAEConfig.from_json(path / "config.json")
-    data_cfg.update(image_size=source.image_shape[0] * vae_cfg.downsample_factor,
-                    channels=vae_cfg.out_channels)
-  return data_cfg
+    images.update(image_size=source.image_shape[0] * vae_cfg.downsample_factor,
+                  channels=vae_cfg.out_channels)
+  return images
 
 
 @functools.lru_cache(maxsize=1)
@@ -138,19 +134,21 @@ class SampleGrid:
   name = "grid"
   key = "sample_time_s"  # the scalar whose row in metrics.jsonl says this evaluation ran
 
-  def __init__(self, config, source, model, mesh, workdir):
-    ev = config.eval.grid
+  def __init__(self, eval_cfg, objective, source, model, mesh, workdir):
+    ev = eval_cfg.grid
     self.every_steps = ev.every_steps
-    self._sample = objectives.make_sample_fn(config, ev, model, source.kind, mesh)
+    self._sample = objective.sample_fn(model, steps=ev.respacing, cfg_scale=ev.cfg_scale,
+                                       guide_channels=ev.guide_channels, data_kind=source.kind,
+                                       mesh=mesh)
     self._labels = np.arange(ev.num_samples, dtype=np.int32) % max(source.num_classes, 1)
     table = captions.caption_table(source)
     if table is not None:  # a text model: the captions of classes 0, 1, 2, ...
       self._labels = table[self._labels]
     self._shape = (ev.num_samples,) + tuple(source.image_shape)
     # Host (numpy) inputs: on a multi-host mesh jit treats them as replicated global values.
-    self._rng = np.asarray(jax.random.fold_in(jax.random.PRNGKey(config.eval.seed), 1_000_003))
+    self._rng = np.asarray(rng_lib.grid_key(eval_cfg.seed))
     self._latents = source.kind == "latents"
-    self._vae_path, self._scale = config.eval.vae_path, source.scaling_factor
+    self._vae_path, self._scale = eval_cfg.vae_path, source.scaling_factor
     self._out = pathlib.Path(workdir) / "samples"
 
   def run(self, params, step: int) -> dict:
@@ -183,7 +181,8 @@ class FidSuite:
                        f"{feature_name!r}")
     if num_samples < 2:
       raise ValueError(f"num_samples must be >= 2 for a covariance, got {num_samples}")
-    self.sharding, num_shards = fid.data_sharding(mesh, data_axis)
+    self.sharding = sharding_lib.batch_sharding(mesh, data_axis)
+    num_shards = sharding_lib.data_parallel_size(mesh, data_axis)
     if batch_size % num_shards:
       raise ValueError(f"batch_size {batch_size} must be a multiple of the {num_shards} devices on "
                        f"the data axis")
@@ -227,38 +226,38 @@ class FidSuite:
     return fid.metrics(self.feature_name, feats, self.reference, pr=self.precision_recall)
 
 
-def _reference(config, source, name, feature_fn, labelled_images, mesh):
-  q = config.eval.fid
+def _reference(q, split: str, source, name, feature_fn, labelled_images, mesh):
   if q.reference:
     # The sampling batch: one compiled shape of the feature network, divisible by the mesh.
     return fid.load_reference(q.reference, name, feature_fn, batch_size=q.batch_size, mesh=mesh)
   cache = q.cache_dir or str(inception.default_cache_dir())
-  return fid.cached_reference(cache, source.name, config.data.split, source.image_shape[0], name,
+  return fid.cached_reference(cache, source.name, split, source.image_shape[0], name,
                               feature_fn, labelled_images()[0], mesh=mesh,
                               batch_size=q.batch_size, log=logging.info)
 
 
-def reference_sample(config, source):
+def reference_sample(q, eval_seed: int, source):
   """(uint8 images, class labels) the dataset CNN trains on and the FID reference is made of: a
   class-stratified sample of eval.fid.reference_size examples (all if <= 0) drawn with eval.seed,
   read once per process."""
-  q = config.eval.fid
   classes = captions.class_source(source)  # a caption source's base: the CNN learns classes
   n = source.num_examples if q.reference_size <= 0 else min(q.reference_size, source.num_examples)
-  idx = sources.stratified_sample(sources.labels_of(classes), n, config.eval.seed)
+  idx = sources.stratified_sample(sources.labels_of(classes), n, eval_seed)
   return classes.read(idx, np.zeros(len(idx), bool))
 
 
-def feature_network_and_reference(config, source, mesh):
+def feature_network_and_reference(eval_cfg, data_cfg, source, mesh):
   """(name, feature_fn, reference) of `eval.fid`: loaded from the cache when made from the same
   images (and weights), else made (a dataset CNN trained, reference statistics computed) and
   cached. A sweep calls it once before its workers start, so they all load what one process made."""
-  q = config.eval.fid
-  labelled_images = functools.lru_cache(maxsize=1)(lambda: reference_sample(config, source))
+  q = eval_cfg.fid
+  labelled_images = functools.lru_cache(maxsize=1)(
+      lambda: reference_sample(q, eval_cfg.seed, source))
   name, feature_fn = fid.feature_network(
-      feature_images(config, source), q.feature_network, cache_dir=q.cache_dir or None,
+      feature_images(eval_cfg, data_cfg, source), q.feature_network, cache_dir=q.cache_dir or None,
       labelled_images=None if source.kind == "latents" else labelled_images, log=logging.info)
-  return name, feature_fn, _reference(config, source, name, feature_fn, labelled_images, mesh)
+  return name, feature_fn, _reference(q, data_cfg.split, source, name, feature_fn,
+                                      labelled_images, mesh)
 
 
 class SampleQuality:
@@ -266,14 +265,14 @@ class SampleQuality:
   of the training source; latents: against `eval.fid.reference`, samples decoded by the VAE)."""
   name = "fid"
 
-  def __init__(self, config, source, model, mesh, workdir):
-    q = config.eval.fid
+  def __init__(self, eval_cfg, data_cfg, objective, source, model, mesh, workdir):
+    q = eval_cfg.fid
     self.every_steps = q.every_steps
     latents = source.kind == "latents"
-    name, feature_fn, reference = feature_network_and_reference(config, source, mesh)
+    name, feature_fn, reference = feature_network_and_reference(eval_cfg, data_cfg, source, mesh)
     if jax.process_index() == 0:  # which statistics the rows' FIDs were measured against
       files.atomic_write_text(pathlib.Path(workdir) / "fid_reference.json", json.dumps(dict(
-          fid_reference=q.reference or f"cached:{source.name}/{config.data.split}",
+          fid_reference=q.reference or f"cached:{source.name}/{data_cfg.split}",
           fid_reference_fingerprint=reference.fingerprint(),
           fid_reference_size=int(reference.num_images), fid_feature_net=name,
           fid_feature_net_weights=getattr(feature_fn, "weights_key", None))))
@@ -281,11 +280,12 @@ class SampleQuality:
                            num_classes=source.num_classes if models.reads_labels(model) else None,
                            mesh=mesh, data_axis=sharding_lib.BATCH_AXES, progress=False)
     # Samples stay sharded over the batch (no replicated output).
-    self._sample = objectives.make_sample_fn(config, q, model, source.kind)
+    self._sample = objective.sample_fn(model, steps=q.respacing, cfg_scale=q.cfg_scale,
+                                       guide_channels=q.guide_channels, data_kind=source.kind)
     self._shape = (q.batch_size,) + tuple(source.image_shape)
-    self._decode = (lambda x: decode_latents(config.eval.vae_path, x, source.scaling_factor)) \
+    self._decode = (lambda x: decode_latents(eval_cfg.vae_path, x, source.scaling_factor)) \
         if latents else (lambda x: x)
-    self._seed, self._batch = config.eval.seed, q.batch_size
+    self._seed, self._batch = eval_cfg.seed, q.batch_size
     self.key = f"fid_{name}"
     table = captions.caption_table(source)
     # A text model samples the captions of the drawn classes; the lookup keeps their sharding.
@@ -295,7 +295,7 @@ class SampleQuality:
     def sample_fn(rng, labels):
       labels = np.zeros((self._batch,), np.int32) if labels is None else self._to_model(labels)
       return self._decode(self._sample(params, labels, rng, self._shape))
-    return self._suite.run(sample_fn, jax.random.fold_in(jax.random.PRNGKey(self._seed + 1), step))
+    return self._suite.run(sample_fn, rng_lib.fid_key(self._seed, step))
 
 
 class ValidationLoss:
@@ -303,31 +303,30 @@ class ValidationLoss:
   name = "val"
   key = "val_loss"
 
-  def __init__(self, config, val_source, model, mesh):
-    ev = config.eval.val
-    objective = objectives.create(config)
+  def __init__(self, ev, eval_seed: int, objective, val_source, model, mesh):
+    process = objective.process
     n = min(ev.num_examples, val_source.num_examples)
     x, labels = val_source.read(np.arange(n), np.zeros(n, bool))
-    key = jax.random.PRNGKey(config.eval.seed + 2)
+    key, posterior_key = rng_lib.validation_keys(eval_seed)
     if val_source.kind == "latents":  # one fixed posterior draw per example
       mean, logvar = np.split(np.asarray(x, np.float32), 2, axis=-1)
-      eps = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), mean.shape, jnp.float32))
+      eps = np.asarray(jax.random.normal(posterior_key, mean.shape, jnp.float32))
       x = (mean + np.exp(0.5 * logvar) * eps) * val_source.scaling_factor
     else:
-      x = np.clip(np.asarray(x, np.float32) / 127.5 - 1.0, -1.0, 1.0)
+      x = images_lib.to_unit_range(np.asarray(x))
     k = ev.num_timesteps  # every example at every fixed time
     self._x = np.repeat(x, k, axis=0)
     self._y = np.repeat(np.asarray(labels, np.int32), k)
-    self._t = np.tile(np.asarray(objective.fixed_times(k)), n)
-    self._noise = np.asarray(diffusion_lib.per_example_normal(key, self._x.shape))
+    self._t = np.tile(np.asarray(process.fixed_times(k)), n)
+    self._noise = np.asarray(per_example.per_example_normal(key, self._x.shape))
     self.every_steps, self._batch = ev.every_steps, ev.batch_size
-    self._sharding, _ = fid.data_sharding(mesh, sharding_lib.BATCH_AXES)
+    self._sharding = sharding_lib.batch_sharding(mesh)
     conditional = bool(model.num_classes)
 
     @jax.jit
     def sums(params, x, y, t, noise):
       fn = lambda x_t, t_m: model.apply({"params": params}, x_t, t_m, y if conditional else None)
-      terms = objective.validation_losses(fn, x, t, noise)
+      terms = process.validation_losses(fn, x, t, noise)
       return {k_: jnp.sum(v) for k_, v in terms.items()}
     self._sums = sums
 
@@ -343,13 +342,13 @@ class ValidationLoss:
     return {f"val_{k_}": v / n for k_, v in total.items()}
 
 
-def create(config, source, model, mesh, workdir, val_source=None) -> list:
-  """The evaluators the config turns on, in the order the loop runs them."""
+def create(eval_cfg, data_cfg, objective, source, model, mesh, workdir, val_source=None) -> list:
+  """The evaluators `eval_cfg` (config.eval) turns on, in the order the loop runs them."""
   out = []
-  if val_source is not None and config.eval.val.every_steps > 0:
-    out.append(ValidationLoss(config, val_source, model, mesh))
-  if config.eval.grid.every_steps > 0:
-    out.append(SampleGrid(config, source, model, mesh, workdir))
-  if config.eval.fid.every_steps > 0 and config.eval.fid.num_samples > 0:
-    out.append(SampleQuality(config, source, model, mesh, workdir))
+  if val_source is not None and eval_cfg.val.every_steps > 0:
+    out.append(ValidationLoss(eval_cfg.val, eval_cfg.seed, objective, val_source, model, mesh))
+  if eval_cfg.grid.every_steps > 0:
+    out.append(SampleGrid(eval_cfg, objective, source, model, mesh, workdir))
+  if eval_cfg.fid.every_steps > 0 and eval_cfg.fid.num_samples > 0:
+    out.append(SampleQuality(eval_cfg, data_cfg, objective, source, model, mesh, workdir))
   return out

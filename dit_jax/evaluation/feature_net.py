@@ -55,7 +55,7 @@ def resize_images(images_NxHxWxC: np.ndarray, size: int) -> np.ndarray:
   """ADM's centre crop of uint8 images to size x size, the training pipeline's own resize."""
   if images_NxHxWxC.shape[1:3] == (size, size):
     return images_NxHxWxC
-  return np.stack([sources.prepare_image(im, size, 0) for im in images_NxHxWxC])
+  return np.stack([images_lib.prepare_image(im, size, 0) for im in images_NxHxWxC])
 
 
 def read_labelled(name: str, path, image_size: int, channels: int = 0, split: str = "train"):

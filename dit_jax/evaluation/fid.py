@@ -273,10 +273,10 @@ def metrics(feature_name: str, sample_features: dict, reference: Reference,
   return out
 
 
-def _get(config, name, default=None):
-  if isinstance(config, dict):
-    return config.get(name, default)
-  return getattr(config, name, default)
+def _get(data_cfg, name, default=None):
+  if isinstance(data_cfg, dict):
+    return data_cfg.get(name, default)
+  return getattr(data_cfg, name, default)
 
 
 def resolve_network(network: str, image_size: int, channels: int = 0) -> str:

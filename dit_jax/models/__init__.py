@@ -37,17 +37,33 @@ def dtype_of(name: str):
   return DTYPES[name]
 
 
-def _common_fields(config, num_classes: int) -> dict:
-  return dict(num_classes=num_classes if config.class_conditional else 0,
-              class_dropout_prob=config.class_dropout_prob, learn_sigma=config.learn_sigma,
-              dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype))
+# The root config's fields that describe the model (the text block comes with them).
+MODEL_CONFIG_FIELDS = ("model", "class_conditional", "class_dropout_prob", "learn_sigma", "dtype",
+                       "param_dtype") + tuple(MODEL_FIELDS)
 
 
-def _dit_config_fields(config) -> dict:
+def model_config(config):
+  """The model's sub-config: the root config's model fields (MODEL_CONFIG_FIELDS) and its `text`
+  block. The training config keeps these at its top level (its fingerprints and command lines
+  name them there); this is the one place that gathers them, and every function below reads it."""
+  fields = {k: config[k] for k in MODEL_CONFIG_FIELDS}
+  fields["text"] = config.text.to_dict() if "text" in config else dict(enabled=False)
+  # The root's own class (an ml_collections.ConfigDict), so this module needs no ml_collections:
+  # the GPU benchmark imports the registry on a machine without it.
+  return type(config)(fields)
+
+
+def _common_fields(model_cfg, num_classes: int) -> dict:
+  return dict(num_classes=num_classes if model_cfg.class_conditional else 0,
+              class_dropout_prob=model_cfg.class_dropout_prob, learn_sigma=model_cfg.learn_sigma,
+              dtype=dtype_of(model_cfg.dtype), param_dtype=dtype_of(model_cfg.param_dtype))
+
+
+def _dit_config_fields(model_cfg) -> dict:
   # Width/depth/heads overrides (0 = the named size's) give the off-table shapes of sweeps.
-  fields = {k: config[k] for k in ("depth", "hidden_size", "num_heads") if config[k]}
-  return dict(fields, conditioning=config.conditioning, scan_layers=config.scan_layers,
-              attention_impl=config.attention_impl or None, remat=config.remat)
+  fields = {k: model_cfg[k] for k in ("depth", "hidden_size", "num_heads") if model_cfg[k]}
+  return dict(fields, conditioning=model_cfg.conditioning, scan_layers=model_cfg.scan_layers,
+              attention_impl=model_cfg.attention_impl or None, remat=model_cfg.remat)
 
 
 def _build_dit(size: str, patch: int, **fields) -> dit.DiT:
@@ -65,10 +81,10 @@ def _build_unet(size: str, patch: int, **fields) -> unet.UNet:
   return unet.UNet(**{**shape, **fields})
 
 
-def _dit_context_check(config) -> None:
-  if config.conditioning != "cross_attn":
+def _dit_context_check(model_cfg) -> None:
+  if model_cfg.conditioning != "cross_attn":
     raise ValueError(f"text.enabled: a DiT reads captions only through cross-attention; set "
-                     f"conditioning='cross_attn' (got {config.conditioning!r})")
+                     f"conditioning='cross_attn' (got {model_cfg.conditioning!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +96,12 @@ class Family:
   pattern: str  # full-match regex of a name; group 1 the size, group 2 (if any) the patch
   example: str
   fields: tuple  # the MODEL_FIELDS this family understands
-  config_fields: Callable  # config -> the module fields those config fields set
+  config_fields: Callable  # model_cfg -> the module fields those model_cfg fields set
   build: Callable  # (size, patch, **module fields) -> module
   init: Callable  # (module, rng) -> boxed params
   macs: Callable  # (module, context_length) -> int
   example_inputs: Callable  # (module, batch, context_length) -> (args, kwargs)
-  context_check: Callable  # config -> None; raises if this config's model cannot read a context
+  context_check: Callable  # model_cfg -> None; raises if this model cannot read a context
 
 
 FAMILIES = {
@@ -114,11 +130,6 @@ def family_name(name: str) -> str:
   return parse(name)[0].name
 
 
-def patch_of(name: str) -> int:
-  """The patch size of a model name (1 for pixel-space U-Nets: no patching)."""
-  return parse(name)[2]
-
-
 def names(family: str, sizes, patches=(None,)) -> list[str]:
   """The names of a family's grid, e.g. names('DiT', ('S', 'B'), (4, 2))."""
   f = FAMILIES[family]
@@ -130,26 +141,27 @@ def paper_models() -> tuple:
   return tuple(names("DiT", ("S", "B", "L", "XL"), (8, 4, 2)))
 
 
-def check_config(config) -> None:
-  """The model fields of a training config; needs no data or devices."""
-  family, _, _ = parse(config.model)
+def check_config(model_cfg) -> None:
+  """The model fields of a training model_cfg; needs no data or devices."""
+  family, _, _ = parse(model_cfg.model)
   for field in ("depth", "hidden_size", "num_heads"):
-    if config[field] < 0:
-      raise ValueError(f"{field}={config[field]}: must be >= 0 (0 = the named size's)")
-  if config.conditioning not in dit.CONDITIONINGS:
-    raise ValueError(f"unknown conditioning {config.conditioning!r}; choose from "
+    if model_cfg[field] < 0:
+      raise ValueError(f"{field}={model_cfg[field]}: must be >= 0 (0 = the named size's)")
+  if model_cfg.conditioning not in dit.CONDITIONINGS:
+    raise ValueError(f"unknown conditioning {model_cfg.conditioning!r}; choose from "
                      f"{dit.CONDITIONINGS}")
-  if config.attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl {config.attention_impl!r}: use '' (dit_jax.models.attention, its "
-                     f"own backward), or jax.nn.dot_product_attention's 'xla' or 'cudnn'")
+  if model_cfg.attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl {model_cfg.attention_impl!r}: use '' (dit_jax.models."
+                     f"attention, its own backward), or jax.nn.dot_product_attention's 'xla' or "
+                     f"'cudnn'")
   for field in ("dtype", "param_dtype"):
-    dtype_of(config[field])
+    dtype_of(model_cfg[field])
   for field, neutral in MODEL_FIELDS.items():
-    if field not in family.fields and config[field] != neutral:
-      raise ValueError(f"{config.model}: the {family.name} family does not use {field} (set to "
-                       f"{config[field]!r}); leave it at {neutral!r}")
-  if text.enabled(config):
-    family.context_check(config)
+    if field not in family.fields and model_cfg[field] != neutral:
+      raise ValueError(f"{model_cfg.model}: the {family.name} family does not use {field} (set to "
+                       f"{model_cfg[field]!r}); leave it at {neutral!r}")
+  if text.enabled(model_cfg.text):
+    family.context_check(model_cfg)
 
 
 def build(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
@@ -163,31 +175,32 @@ def build(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes:
   return model
 
 
-def create(config, image_shape, num_classes: int, tokenizer: text.Tokenizer | None = None
+def create(model_cfg, image_shape, num_classes: int, tokenizer: text.Tokenizer | None = None
            ) -> nn.Module:
-  """The model `config.model` names, sized to the data (image_shape = (H, W, C)), validated.
+  """The model `model_cfg.model` names (model_cfg: `model_config(config)`), sized to the data
+  (image_shape = (H, W, C)), validated.
 
   With text.enabled: a text.TextConditioned whose encoder has the tokenizer's vocabulary and caption
   length (the caption source's, or a workdir's tokenizer.json) around the backbone built with
   num_classes=0 and context_dim=text.width.
   """
-  check_config(config)
+  check_config(model_cfg)
   h, w, c = image_shape
   if h != w:
-    raise ValueError(f"{config.model} needs square inputs, the data gives {h}x{w}")
-  family = parse(config.model)[0]
-  if not text.enabled(config):
-    return build(config.model, input_size=h, in_channels=c,
-                 **_common_fields(config, num_classes), **family.config_fields(config))
+    raise ValueError(f"{model_cfg.model} needs square inputs, the data gives {h}x{w}")
+  family = parse(model_cfg.model)[0]
+  if not text.enabled(model_cfg.text):
+    return build(model_cfg.model, input_size=h, in_channels=c,
+                 **_common_fields(model_cfg, num_classes), **family.config_fields(model_cfg))
   if tokenizer is None:
     raise ValueError("text.enabled: the caption encoder's vocabulary comes from the run's "
                      "tokenizer (captions.training_source, or the workdir's tokenizer.json)")
-  t = config.text
-  backbone = build(config.model, input_size=h, in_channels=c, context_dim=t.width,
-                   **_common_fields(config, 0), **family.config_fields(config))
+  t = model_cfg.text
+  backbone = build(model_cfg.model, input_size=h, in_channels=c, context_dim=t.width,
+                   **_common_fields(model_cfg, 0), **family.config_fields(model_cfg))
   encoder = text.TextEncoder(tokenizer.vocab_size, tokenizer.max_length, width=t.width,
-                             depth=t.depth, num_heads=t.num_heads, dtype=dtype_of(config.dtype),
-                             param_dtype=dtype_of(config.param_dtype))
+                             depth=t.depth, num_heads=t.num_heads, dtype=dtype_of(model_cfg.dtype),
+                             param_dtype=dtype_of(model_cfg.param_dtype))
   model = text.TextConditioned(encoder, backbone, caption_dropout_prob=t.caption_dropout_prob)
   model.validate()
   return model

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dit_jax.models import dit as dit_lib
 from dit_jax import models
+from dit_jax.models import dit as dit_lib
 from dit_jax.models import embeddings
 
 

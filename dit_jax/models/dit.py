@@ -320,8 +320,3 @@ def macs(m: DiT, context_length: int = 0) -> int:
     macs += d * 2 * d                      # final adaLN
   macs += n * d * p * p * m.out_channels   # final linear
   return macs
-
-
-def gflops(m: DiT, context_length: int = 0) -> float:
-  """Analytic forward Gflops (paper convention: 1e9 MACs)."""
-  return macs(m, context_length) / 1e9

@@ -33,9 +33,9 @@ CLASS_NAMES = {"mnist": MNIST_CLASS_NAMES, "digits": MNIST_CLASS_NAMES,
                "cifar10": CIFAR10_CLASS_NAMES}
 
 
-def enabled(config) -> bool:
-  """Whether a training config is text-conditioned (configs older than its `text` block: no)."""
-  return "text" in config and bool(config.text.enabled)
+def enabled(text_cfg) -> bool:
+  """Whether a run is text-conditioned, from its `text` block (None for configs older than it)."""
+  return text_cfg is not None and bool(text_cfg.get("enabled", False))
 
 
 def class_captions(class_names: Sequence[str], template: str) -> list[str]:

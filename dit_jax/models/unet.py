@@ -33,7 +33,7 @@ class Size:
 
 # Sizes for 32x32x4 latents whose forward Gflops (MACs, one image) span DiT-S/2 (6.06) .. DiT-XL/2
 # (118.6): one family, levels 32-16-8-4 with self-attention at 16, 8 and 4 (ADM-style), only the width
-# changes. S 4.79, B 25.6, L 74.8, XL 116.7 Gflops (see experiments/text_conditioning.md). Head
+# changes. S 4.79, B 25.6, L 74.8, XL 116.7 Gflops (see experiments/text_conditioning/README.md). Head
 # width 32 (as LDM) because the widths are multiples of 32, not 64. Nano and Pico are CPU-sized rows;
 # Pico (width 16, GroupNorm8) is the U-Net of the default CPU sweep (configs/dit_sweep.py).
 SIZES = {
@@ -390,8 +390,3 @@ def macs(m: UNet, context_length: int = 0) -> int:
                 else _conv_macs(2 * size, s.channels, s.channels, 3))
     ch = s.channels
   return total + _conv_macs(m.input_size, ch, m.out_channels, 3)
-
-
-def gflops(m: UNet, context_length: int = 0) -> float:
-  """Analytic forward Gflops (1e9 MACs, one image), comparable with `dit.gflops`."""
-  return macs(m, context_length) / 1e9

@@ -302,12 +302,12 @@ def _flax_path(torch_key: str) -> tuple:
   return tuple(out) + (leaf,)
 
 
-def convert_state_dict(state_dict: dict, config: VAEConfig) -> dict:
+def convert_state_dict(state_dict: dict, vae_cfg: VAEConfig) -> dict:
   """diffusers AutoencoderKL state dict (name -> array) -> Flax params, checking every name/shape."""
-  model = AutoencoderKL(config)
-  size = 8 * config.downsample_factor
+  model = AutoencoderKL(vae_cfg)
+  size = 8 * vae_cfg.downsample_factor
   shapes = nn.unbox(jax.eval_shape(
-      model.init, jax.random.key(0), jnp.zeros((1, size, size, config.in_channels))))["params"]
+      model.init, jax.random.key(0), jnp.zeros((1, size, size, vae_cfg.in_channels))))["params"]
   flat_shapes = {k: v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
   flat_params, unused = {}, []
   for name, value in state_dict.items():

@@ -12,6 +12,7 @@ import math
 import ml_collections
 
 from dit_jax import models
+from dit_jax import objectives
 from dit_jax.models import flops
 
 
@@ -46,15 +47,16 @@ def isoflop_plan(budgets_gflops, model_gflops: dict, batch_size: int) -> list:
   return plan
 
 
-def plan(config, gflops: dict) -> list[Member]:
-  """Every member, in order: budget, model, objective, seed."""
-  sweep, out = config.sweep, []
-  steps = {(None, m): config.num_train_steps for m in gflops}
+def plan(sweep, num_train_steps: int, batch_size: int, gflops: dict) -> list[Member]:
+  """Every member of `sweep` (config.sweep), in order: budget, model, objective, seed; each trains
+  num_train_steps, or with sweep.budgets the steps that spend its budget at batch_size."""
+  out = []
+  steps = {(None, m): num_train_steps for m in gflops}
   budgets = [None]
   if sweep.budgets:
     budgets = [float(b) for b in sweep.budgets]
     steps = {(p["budget"], p["model"]): p["steps"] for p in
-             isoflop_plan(budgets, gflops, config.batch_size)}
+             isoflop_plan(budgets, gflops, batch_size)}
   for budget in budgets:
     for model in gflops:
       if (budget, model) not in steps:
@@ -86,18 +88,14 @@ def run_dir_name(run: str) -> str:
   return run.replace("/", "_")
 
 
-def member_config(config: ml_collections.ConfigDict, m) -> ml_collections.ConfigDict:
+def member_config(config: ml_collections.ConfigDict, m: Member) -> ml_collections.ConfigDict:
   """The training config of one member: the sweep config with the member's fields set and no
-  `sweep` block. Flow members train without learned Sigma (a DDPM-only output)."""
+  `sweep` block. Whether it learns Sigma is its objective's rule (flow never does)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
   del cfg["sweep"]
-  if isinstance(m, str):  # a model name alone: the config's own seed and objective
-    cfg.model = m
-    return cfg
   cfg.model, cfg.seed, cfg.diffusion.objective = m.model, m.seed, m.objective
   cfg.num_train_steps = m.steps
-  if m.objective == "flow":
-    cfg.learn_sigma = False
+  cfg.learn_sigma = objectives.family(m.objective).learns_sigma(config.learn_sigma)
   if m.budget is not None:  # iso-FLOP members are evaluated once, at the end
     for ev in ("grid", "fid", "val"):
       if cfg.eval[ev].every_steps:
@@ -105,9 +103,9 @@ def member_config(config: ml_collections.ConfigDict, m) -> ml_collections.Config
   return cfg
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """The sweep block, and what a sweep needs of the training config: an evaluation to record."""
-  s = config.sweep
+def check_config(s, eval_cfg) -> None:
+  """The sweep block `s` (config.sweep), and what a sweep needs of the training config's `eval_cfg`
+  (config.eval): an evaluation to record."""
   if not model_names(s) or not s.seeds or not s.objectives:
     raise ValueError("the sweep has no members: set sweep.sizes and sweep.patches (or "
                      "sweep.extra_models), sweep.seeds and sweep.objectives")
@@ -119,7 +117,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if s.workers < 0 or any(float(b) <= 0 for b in s.budgets):
     raise ValueError(f"sweep.workers must be >= 0 and sweep.budgets positive (got {s.workers}, "
                      f"{tuple(s.budgets)})")
-  q, v = config.eval.fid, config.eval.val
+  for objective in s.objectives:
+    if objective not in objectives.OBJECTIVES:
+      raise ValueError(f"sweep.objectives: {objective!r} is not one of {objectives.OBJECTIVES}")
+  q, v = eval_cfg.fid, eval_cfg.val
   if not ((q.every_steps > 0 and q.num_samples > 0) or v.every_steps > 0):
     raise ValueError("a sweep records one row per evaluation: set eval.fid.every_steps and "
                      f"eval.fid.num_samples > 0, or eval.val.every_steps > 0 (got "

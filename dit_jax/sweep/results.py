@@ -22,16 +22,17 @@ METRIC_PREFIXES = ("fid", "sfid", "is", "precision", "recall")
 
 
 def provenance(config, data_kind: str) -> dict:
-  """How the member's metrics were measured, from its config."""
+  """How a member's metrics were measured, from its training config (its objective says how its
+  samples were drawn)."""
   q, val = config.eval.fid, config.eval.val
-  flow = config.diffusion.objective == "flow"
+  drawn = objectives.from_config(config).provenance(q, data_kind)
   return dict(
-      objective=config.diffusion.objective, seed=config.seed, eval_seed=config.eval.seed,
+      objective=drawn["objective"], seed=config.seed, eval_seed=config.eval.seed,
       batch_size=config.batch_size, num_train_steps=config.num_train_steps,
       ema_decay=config.ema_decay, fid_num_samples=q.num_samples,
-      fid_sampler=config.flow.sampler if flow else "ddpm", fid_steps=str(q.respacing),
-      fid_cfg_scale=q.cfg_scale, fid_guide_channels=0 if flow else q.guide_channels,
-      clip_denoised=False if flow else objectives.clip_denoised(config, data_kind),
+      fid_sampler=drawn["fid_sampler"], fid_steps=str(q.respacing),
+      fid_cfg_scale=q.cfg_scale, fid_guide_channels=drawn["fid_guide_channels"],
+      clip_denoised=drawn["clip_denoised"],
       val_num_examples=min(val.num_examples, config.data.val_size) if val.every_steps else 0,
       val_num_timesteps=val.num_timesteps if val.every_steps else 0,
       config_fingerprint=fingerprint(config))

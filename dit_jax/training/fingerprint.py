@@ -24,26 +24,21 @@ NOT_FINGERPRINTED = ("workdir", "distributed", "async_checkpoints", "keep_checkp
                      "data.tfds_probe_timeout_s", "data.tfds_data_dir")
 
 
-
-def _fingerprinted(config_dict: dict) -> dict:
-  """The result-changing fields of a config (as a dict), flattened to dotted names."""
-  flat = traverse_util.flatten_dict(config_dict, sep=".")
+def fingerprinted(config_json: str) -> dict:
+  """The result-changing fields of a config (its JSON), flattened to dotted names."""
+  flat = traverse_util.flatten_dict(json.loads(config_json), sep=".")
   return {k: v for k, v in flat.items()
           if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
 
 
-def _flat(config) -> dict:
-  return _fingerprinted(json.loads(config.to_json_best_effort()))
-
-
 def fingerprint(config) -> str:
   """sha256 (16 hex digits) of the result-changing fields of a training config."""
-  return hashlib.sha256(json.dumps(_flat(config), sort_keys=True).encode()).hexdigest()[:16]
+  fields = fingerprinted(config.to_json_best_effort())
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def changed_fields(old_config_dict: dict, config) -> list[str]:
-  """The result-changing fields that differ between a saved config (dict) and `config`."""
-  old, new = _fingerprinted(old_config_dict), _flat(config)
+def changed_fields(old: dict, new: dict) -> list[str]:
+  """The dotted names whose values differ between two `fingerprinted` field dicts."""
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
@@ -53,11 +48,11 @@ def check_same_config(path, config, write: bool = True) -> None:
   path = pathlib.Path(path)
   if path.exists():
     try:
-      saved = json.loads(path.read_text())
+      saved = fingerprinted(path.read_text())
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is not valid JSON ({e.msg}); move it away or use a new workdir"
                        ) from None
-    changed = changed_fields(saved, config)
+    changed = changed_fields(saved, fingerprinted(config.to_json_best_effort()))
     if changed:
       show = ", ".join(f"{k}" for k in changed[:8]) + (" ..." if len(changed) > 8 else "")
       raise ValueError(f"{path.parent} was trained with another config ({len(changed)} field(s) "

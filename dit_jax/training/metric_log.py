@@ -4,7 +4,6 @@ The step's metrics stay on the device until a log step; then the window's steps 
 once, averaged over the finite values (a skipped step is counted, not averaged), and written with
 the window's throughput and MFU.
 """
-import json
 import pathlib
 import time
 
@@ -13,27 +12,25 @@ import numpy as np
 import optax
 from clu import metric_writers
 
+from dit_jax import files
 from dit_jax import sharding as sharding_lib
-from dit_jax.training import hardware
-
-# MFU's denominator: hardware.py's peak-FLOP/s table (jax only, shared with the benchmarks).
-peak_flops_per_device = hardware.peak_flops_per_device
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """A clu MetricWriter that appends one JSON object per scalar write to a file."""
+  """A clu MetricWriter that appends one JSON object per scalar write to a file (through
+  files.JsonlAppender: a torn last line left by a kill is cut before the first append)."""
 
   def __init__(self, path):
-    self._f = open(path, "a", buffering=1)
+    self._out = files.JsonlAppender(path)
 
   def write_scalars(self, step, scalars):
-    self._f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    self._out.write({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
 
   def write_texts(self, step, texts):
-    self._f.write(json.dumps({"step": int(step), **texts}) + "\n")
+    self._out.write({"step": int(step), **texts})
 
   def write_hparams(self, hparams):
-    self._f.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+    self._out.write({"hparams": {k: str(v) for k, v in hparams.items()}})
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -54,10 +51,10 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
   def flush(self):
-    self._f.flush()
+    pass  # every write is flushed
 
   def close(self):
-    self._f.close()
+    self._out.close()
 
 
 def create_writer(workdir) -> metric_writers.MetricWriter:

@@ -1,10 +1,12 @@
 """The training loop: setup, restore-or-init, compile, then steps with logs, checkpoints, evaluators.
 
 The step itself is pure and lives in `train_step.py`; this module is the edge that touches the
-outside world. `train_and_evaluate(config, workdir)` checks the whole config first
-(`config_check`: nothing is read, built or compiled before every check has passed), then runs the
-same code on one CPU and on a multi-host mesh. Re-running resumes from the workdir's latest
-checkpoint; SIGTERM saves and returns. `load_trained(workdir)` reads a run back for sampling.
+outside world. `train_and_evaluate(config, workdir)` runs the config checks
+in `config_check`'s order: every field that needs no data first (nothing is read before they pass),
+then the data is read and the model and evaluators are checked against it, then the batch sizes
+against the mesh; no feature network is built and nothing compiles before all three have passed.
+It then runs the same code on one CPU and on a multi-host mesh. Re-running resumes from the
+workdir's latest checkpoint; SIGTERM saves and returns. `load_trained(workdir)` reads a run back for sampling.
 
 A workdir holds config.json, checkpoints/ (orbax: the whole TrainState and the data state), a text
 run's tokenizer.json, metrics.jsonl and TensorBoard events, and samples/.
@@ -25,21 +27,22 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview, periodic_actions
 
-from dit_jax.data import captions
-from dit_jax.training import checkpoint as checkpoint_lib
 from dit_jax import config_check
-from dit_jax.data import pipeline as pipeline_lib
-from dit_jax.training import distributed
-from dit_jax.evaluation import evaluators as evaluators_lib
 from dit_jax import files
-from dit_jax.models import flops
-from dit_jax.training import metric_log
 from dit_jax import models
 from dit_jax import objectives
-from dit_jax.training import fingerprint
 from dit_jax import sharding as sharding_lib
+from dit_jax.data import captions
+from dit_jax.data import pipeline as pipeline_lib
 from dit_jax.data import sources
 from dit_jax.data import splits
+from dit_jax.evaluation import evaluators as evaluators_lib
+from dit_jax.models import flops
+from dit_jax.training import checkpoint as checkpoint_lib
+from dit_jax.training import distributed
+from dit_jax.training import fingerprint
+from dit_jax.training import hardware
+from dit_jax.training import metric_log
 from dit_jax.training import train_step as step_lib
 
 
@@ -52,10 +55,28 @@ def due(step: int, every: int, last: int) -> bool:
   return every > 0 and (step % every == 0 or step == last)
 
 
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """When the loop does what (the root config's loop fields, read once by setup)."""
+  num_train_steps: int
+  log_every_steps: int
+  checkpoint_every_steps: int
+  max_nonfinite_streak: int
+  record_batch_hashes: bool
+  ema_decay: float
+  peak_tflops_per_device: float
+
+
 @dataclasses.dataclass
 class Run:
-  """What setup builds for one training run; nothing here holds device arrays yet."""
-  config: ml_collections.ConfigDict
+  """What setup builds for one training run; nothing here holds device arrays yet. The loop reads
+  the schedule and these sub-configs, never the root config."""
+  schedule: Schedule
+  eval_cfg: ml_collections.ConfigDict  # config.eval: the evaluators'
+  data_cfg: ml_collections.ConfigDict  # config.data: the FID reference's identity
+  optim: ml_collections.ConfigDict  # config.optim: the learning-rate schedule
+  hparams: dict  # the root config's scalars, for TensorBoard
+  objective: Any  # objectives.from_config(config)
   workdir: pathlib.Path
   source: Any  # the whole dataset (FID references are computed from it)
   train_source: Any  # what the pipeline reads: the source less the held-out split
@@ -80,10 +101,10 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   """Checks the config (all of it, before anything is built), then data, model, mesh, state."""
   config_check.check(config)
   distributed.maybe_initialize(config.distributed)
-  source = captions.training_source(config, sources.create_source(config.data))
+  source = captions.training_source(config.get("text"), sources.create_source(config.data))
   model = config_check.check_with_data(config, source)
   mesh = sharding_lib.create_mesh(config.mesh_shape)
-  config_check.check_devices(config, mesh)
+  config_check.check_devices(config.batch_size, config.eval.fid, mesh)
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"workdir {workdir} is a file, not a directory")
@@ -111,31 +132,34 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   data_state = dict(seed=config.seed, global_batch_size=config.batch_size,
                     image_shape=list(source.image_shape), num_classes=source.num_classes,
                     kind=source.kind, scaling_factor=source.scaling_factor)
-  return Run(config, workdir, source, train_source, val_source, model, mesh, tx, rules,
-             abstract_state, shardings, pipeline, ckpt, data_state, lock)
+  hparams = {k: v for k, v in config.to_dict().items() if not isinstance(v, (dict, list, tuple))}
+  schedule = Schedule(**{f.name: config[f.name] for f in dataclasses.fields(Schedule)})
+  return Run(schedule, config.eval, config.data, config.optim, hparams,
+             objectives.from_config(config), workdir, source, train_source, val_source, model, mesh,
+             tx, rules, abstract_state, shardings, pipeline, ckpt, data_state, lock)
 
 
 def restore_or_init(run: Run):
   """The latest checkpoint's state (checked against the config), or a fresh sharded init."""
-  config, latest = run.config, run.ckpt.latest_step()
+  latest = run.ckpt.latest_step()
+  seed, batch_size = run.data_state["seed"], run.data_state["global_batch_size"]
   if latest is None:
-    return step_lib.create_train_state(run.model, run.tx, run.mesh, config.seed, run.rules)[0]
+    return step_lib.create_train_state(run.model, run.tx, run.mesh, seed, run.rules)[0]
   latest, state, saved = run.ckpt.restore_newest_readable(
       checkpoint_lib.abstract_with_shardings(run.abstract_state, run.shardings))
-  if (saved["seed"], saved["global_batch_size"]) != (config.seed, config.batch_size):
+  if (saved["seed"], saved["global_batch_size"]) != (seed, batch_size):
     raise ValueError(f"checkpoint in {run.ckpt.directory} was written with data seed/batch "
                      f"{saved['seed']}/{saved['global_batch_size']}, the config says "
-                     f"{config.seed}/{config.batch_size}; use a new workdir")
+                     f"{seed}/{batch_size}; use a new workdir")
   logging.info("restored step %d from %s", latest, run.ckpt.directory)
   return state
 
 
 def compile_step(run: Run, state):
   """(the compiled train step, seconds it took)."""
-  config = run.config
-  step_fn = step_lib.jit_train_step(run.model, objectives.create(config), run.tx, run.mesh,
-                                    run.shardings, config.ema_decay,
-                                    step_lib.learning_rate_schedule(config.optim))
+  step_fn = step_lib.jit_train_step(run.model, run.objective.process, run.tx, run.mesh,
+                                    run.shardings, run.schedule.ema_decay,
+                                    step_lib.learning_rate_schedule(run.optim))
   bs = step_lib.batch_shardings(run.mesh)
   batch = dict(
       image=jax.ShapeDtypeStruct(run.pipeline.image_shape, jnp.float32, sharding=bs["image"]),
@@ -149,18 +173,17 @@ class BatchHashes:
   """sha256 of each batch's part on this process (its shards in device order), one JSON per line."""
 
   def __init__(self, path):
-    self._f = open(path, "a")
+    self._out = files.JsonlAppender(path)
 
   def write(self, step: int, batch) -> None:
     h = hashlib.sha256()
     for k in sorted(batch):
       for shard in sorted(batch[k].addressable_shards, key=lambda s: s.device.id):
         h.update(np.asarray(shard.data).tobytes())
-    self._f.write(json.dumps({"step": step, "sha256": h.hexdigest()}) + "\n")
-    self._f.flush()
+    self._out.write({"step": step, "sha256": h.hexdigest()})
 
   def close(self) -> None:
-    self._f.close()
+    self._out.close()
 
 
 def last_good(run: Run) -> str:
@@ -173,7 +196,7 @@ def last_good(run: Run) -> str:
 def check_streak(run: Run, metrics, upto: int) -> int:
   """The non-finite streak of `metrics`; raises NonFiniteError once it reaches the limit."""
   streak = int(jax.device_get(metrics["nonfinite_streak"]))
-  if streak >= run.config.max_nonfinite_streak:
+  if streak >= run.schedule.max_nonfinite_streak:
     run.ckpt.wait()
     raise NonFiniteError(
         f"{streak} consecutive steps (up to step {upto}) had a non-finite loss or gradient; "
@@ -190,7 +213,7 @@ def save(run: Run, state, step: int, force: bool = False) -> None:
 def evaluate(run: Run, evaluators, state, step: int, writer, wall_t0: float) -> None:
   """Runs the evaluators due at `step` on the EMA params and writes their scalars."""
   for ev in evaluators:
-    if not due(step, ev.every_steps, run.config.num_train_steps):
+    if not due(step, ev.every_steps, run.schedule.num_train_steps):
       continue
     t0 = time.perf_counter()
     scores = ev.run(state.ema_params, step)
@@ -214,17 +237,16 @@ def _start_logging(run: Run, state, start: int, compile_s: float):
   writer = metric_log.create_writer(run.workdir)
   if start == 0:
     parameter_overview.log_parameter_overview(state.params)
-    writer.write_hparams({k: v for k, v in run.config.to_dict().items()
-                          if not isinstance(v, (dict, list, tuple))})
+    writer.write_hparams(run.hparams)
   gflops = models.gflops(run.model)
   n_params = flops.count_params(state.params)
   logging.info("%s: %.2fM params, %.3f Gflops/image, train step compiled in %.1f s",
-               run.config.model, n_params / 1e6, gflops, compile_s)
+               run.hparams["model"], n_params / 1e6, gflops, compile_s)
   writer.write_scalars(start, dict(compile_time_s=compile_s, num_params=n_params,
                                    gflops_per_image=gflops))
-  peak = metric_log.peak_flops_per_device(run.config.peak_tflops_per_device) * jax.device_count()
-  log = metric_log.MetricLog(writer, start=start, batch_size=run.config.batch_size, gflops=gflops,
-                             peak_flops=peak, mesh=run.mesh)
+  peak = hardware.peak_flops_per_device(run.schedule.peak_tflops_per_device) * jax.device_count()
+  log = metric_log.MetricLog(writer, start=start, batch_size=run.pipeline.global_batch_size,
+                             gflops=gflops, peak_flops=peak, mesh=run.mesh)
   return writer, log
 
 
@@ -241,18 +263,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir):
 
 def _train(run: Run, wall_t0: float):
   """The loop of `train_and_evaluate` once setup has passed."""
-  config = run.config
+  sched = run.schedule
   state = restore_or_init(run)
-  start, last = int(jax.device_get(state.step)), config.num_train_steps
+  start, last = int(jax.device_get(state.step)), sched.num_train_steps
   compiled, compile_s = compile_step(run, state)
   writer, log = _start_logging(run, state, start, compile_s)
-  evaluators = evaluators_lib.create(config, run.source, run.model, run.mesh, run.workdir,
-                                     run.val_source)
+  evaluators = evaluators_lib.create(run.eval_cfg, run.data_cfg, run.objective, run.source,
+                                     run.model, run.mesh, run.workdir, run.val_source)
   hooks = [periodic_actions.ReportProgress(num_train_steps=last, writer=writer,
-                                           every_steps=config.log_every_steps)] if run.lead else []
+                                           every_steps=sched.log_every_steps)] if run.lead else []
   preempt = distributed.Preemption()
   hashes = BatchHashes(run.workdir / f"batch_hashes.{jax.process_index()}.jsonl") \
-      if config.record_batch_hashes else None
+      if sched.record_batch_hashes else None
   if start > 0:
     evaluate(run, unfinished(run, evaluators, start), state, start, writer, wall_t0)
   prev = None
@@ -268,10 +290,10 @@ def _train(run: Run, wall_t0: float):
       done = step + 1
       for hook in hooks:
         hook(done)
-      if due(done, config.log_every_steps, last):
+      if due(done, sched.log_every_steps, last):
         log.write(done, state.params)
       # Never checkpoint while updates are being skipped: the last good checkpoint stays newest.
-      if (config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0
+      if (sched.checkpoint_every_steps and done % sched.checkpoint_every_steps == 0
           and int(jax.device_get(metrics["nonfinite_streak"])) == 0):
         save(run, state, done)
       evaluate(run, evaluators, state, done, writer, wall_t0)
@@ -283,7 +305,7 @@ def _train(run: Run, wall_t0: float):
     if prev is not None:
       check_streak(run, prev, int(jax.device_get(state.step)) - 1)
     final = int(jax.device_get(state.step))
-    if not preempt.requested and final == last and config.checkpoint_every_steps:
+    if not preempt.requested and final == last and sched.checkpoint_every_steps:
       save(run, state, final, force=True)  # the end of training is always kept
   finally:
     run.ckpt.close()
@@ -317,15 +339,15 @@ def load_trained(workdir, step: int | None = None) -> Trained:
   """The EMA params of a workdir's checkpoint `step` (default latest) and the model they belong to."""
   workdir = pathlib.Path(workdir)
   config = load_config(workdir)
-  tokenizer = captions.load_tokenizer(workdir, config)
+  tokenizer = captions.load_tokenizer(workdir, config.get("text"))
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {workdir / 'checkpoints'}")
     data_state = ckpt.restore_data_state(step)
-    model = models.create(config, tuple(data_state["image_shape"]), data_state["num_classes"],
-                          tokenizer=tokenizer)
+    model = models.create(models.model_config(config), tuple(data_state["image_shape"]),
+                          data_state["num_classes"], tokenizer=tokenizer)
     mesh = sharding_lib.create_mesh((-1, 1, 1))
     abstract, shardings = step_lib.state_shardings(model, step_lib.create_optimizer(config.optim),
                                                    mesh)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from dit_jax import models
 from dit_jax import sharding as sharding_lib
@@ -33,9 +33,8 @@ class TrainState:
   nonfinite_total: jax.Array  # int32: all skipped updates.
 
 
-def check_config(config) -> None:
-  """The optimisation fields of a training config."""
-  optim = config.optim
+def check_config(optim, ema_decay: float) -> None:
+  """The optimisation fields: `optim` (config.optim) and the EMA decay."""
   if not optim.lr > 0:
     raise ValueError(f"optim.lr must be positive, got {optim.lr}")
   if optim.weight_decay < 0 or optim.grad_clip < 0 or optim.warmup_steps < 0:
@@ -44,8 +43,8 @@ def check_config(config) -> None:
   if not (0 <= optim.b1 < 1 and 0 <= optim.b2 < 1) or optim.eps <= 0:
     raise ValueError(f"optim.b1/b2 must be in [0, 1) and optim.eps > 0 (got {optim.b1}, "
                      f"{optim.b2}, {optim.eps})")
-  if not 0.0 <= config.ema_decay < 1.0:
-    raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
 
 
 def learning_rate_schedule(optim) -> optax.Schedule:
@@ -97,8 +96,9 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, objective,
                batch_spec: Optional[NamedSharding] = None) -> tuple:
   """One AdamW step on the objective's loss; a non-finite loss or gradient skips the update.
 
-  `objective` is a `diffusion.Diffusion` (DDPM) or a `flow.Flow`: both draw per-example noise and
-  times and give the per-example loss terms (objectives.py)."""
+  `objective` is an objective's process (`objectives.from_config(config).process`: a
+  `diffusion.Diffusion` or a `flow.Flow`): both draw per-example noise and times and give the
+  per-example loss terms."""
   x0 = batch["image"]
   y = batch["label"] if models.reads_labels(model) else None  # class labels or caption ids
   key = jax.random.fold_in(state.rng, state.step)
@@ -106,8 +106,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, objective,
   noise, t_B = objective.draw_noise_and_t(k_noise, k_t, x0.shape)
   if batch_spec is not None:
     noise = jax.lax.with_sharding_constraint(noise, batch_spec)
-    t_B = jax.lax.with_sharding_constraint(
-        t_B, NamedSharding(batch_spec.mesh, P(batch_spec.spec[0])))
+    t_B = jax.lax.with_sharding_constraint(t_B, sharding_lib.leading_axis(batch_spec))
 
   def loss_fn(params):
     def model_fn(x_t, t_orig):
@@ -142,8 +141,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, objective,
 
 
 def batch_shardings(mesh) -> dict:
-  return {"image": sharding_lib.batch_sharding(mesh),
-          "label": NamedSharding(mesh, P(sharding_lib.BATCH_AXES))}
+  return {"image": sharding_lib.batch_sharding(mesh), "label": sharding_lib.batch_sharding(mesh)}
 
 
 def jit_train_step(model, objective, tx, mesh, shardings, ema_decay: float,
