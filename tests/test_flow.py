@@ -499,3 +499,53 @@ def test_flow_overfits_a_batch_of_mnist(shared_data):
   after = float(evaluate(params))
   print(f"flow overfit: velocity MSE {before:.4f} -> {after:.4f}")
   assert after <= before / 3, (before, after)
+
+
+# --- A flow-trained run through tools/sample.py ------------------------------------------------
+
+def test_sample_tool_uses_the_flow_sampler_of_a_flow_run(tmp_path):
+  """tools/sample.py on a diffusion.objective=flow workdir draws with the flow sampler (its grid
+  equals the flow Heun sampler's, and differs from what DDPM gives the same params), and refuses a
+  DDPM-only sampler or a DDPM respacing with one line."""
+  import subprocess
+  import sys
+
+  from PIL import Image
+
+  from dit_jax import objectives
+  from dit_jax.data import images
+  from dit_jax.objectives import sampling
+  from dit_jax.training import train
+  from tests.helpers import REPO, main_cmd, subprocess_env
+
+  work = tmp_path / "flow"
+  subprocess.run(main_cmd(work, "--config.diffusion.objective=flow", "--config.learn_sigma=False",
+                          "--config.num_train_steps=2", "--config.checkpoint_every_steps=2"),
+                 env=subprocess_env(1), check=True, capture_output=True, cwd=REPO)
+  tool = [sys.executable, "tools/sample.py", f"--workdir={work}", "--num=4", "--steps=3",
+          "--cfg_scale=1.0"]
+  out = subprocess.run(tool + [f"--out={tmp_path / 'grid.png'}"], env=subprocess_env(1),
+                       capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "(flow heun, 3 steps" in out.stdout
+
+  run = train.load_trained(work)
+  labels, shape = jnp.arange(4) % 10, (4,) + tuple(run.data_state["image_shape"])
+  flow = objectives.from_config(run.config)
+  heun = flow.sample_fn(run.model, steps="3", cfg_scale=1.0, data_kind="images")
+  want = np.asarray(images.grid(np.asarray(images.quantize(
+      heun(run.params, labels, jax.random.PRNGKey(0), shape)))))
+  got = np.asarray(Image.open(tmp_path / "grid.png"))
+  np.testing.assert_array_equal(got, want[..., 0])
+  ddpm = objectives.Ddpm(run.config.diffusion, False, "auto")
+  other = sampling.make_sample_fn(run.model, ddpm.respaced("3"), cfg_scale=1.0)
+  wrong = np.asarray(images.grid(np.asarray(images.quantize(
+      other(run.params, labels, jax.random.PRNGKey(0), shape)))))
+  assert not np.array_equal(wrong, want)  # the comparison above can tell the samplers apart
+
+  for flags, message in ((["--sampler=ddim"], "a flow-trained run samples with one of"),
+                         (["--steps=ddim50"], "--steps='ddim50': with the flow objective")):
+    bad = subprocess.run(tool + flags, env=subprocess_env(1), capture_output=True, text=True,
+                         cwd=REPO)
+    assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr
