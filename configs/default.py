@@ -39,7 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.diffusion.prediction = "eps"  # What the network predicts: eps | x0 | v.
   config.diffusion.objective = "ddpm"  # ddpm (the paper's) | flow (rectified flow, SiT / SD3).
 
-  # The flow objective (objectives.py, flow.py), used when diffusion.objective = 'flow'.
+  # The flow objective (dit_jax/objectives/flow.py), used when diffusion.objective = 'flow'.
   config.flow = ml_collections.ConfigDict()
   config.flow.path = "linear"  # linear (rectified flow) | gvp (SiT's variance-preserving path).
   config.flow.prediction = "velocity"  # velocity | noise | data.

@@ -8,7 +8,8 @@ module hands each its part of the root config, decides the order and runs them:
 2. `check_with_data(config, source)`: the model and the evaluators against the data's shape (a
    text run's source is the caption source: `captions.training_source` checked the class names,
    template and caption length when it built it);
-3. `check_devices(batch_size, eval.fid, mesh)`: batch sizes against the mesh, right after the mesh exists.
+3. `check_devices(batch_size, eval.fid, mesh)`: batch sizes against the mesh, right after the mesh
+   exists.
 
 `train.train_and_evaluate` runs all three before it builds a feature network or compiles; the sweep
 runs 1 and 2 for every member up front.

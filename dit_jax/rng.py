@@ -1,4 +1,5 @@
-"""Named random streams: every key or numpy generator the framework derives from a seed, in one place.
+"""Named random streams: every key or numpy generator the framework derives from a seed, in one
+place.
 
 A stream's number is part of every result made with it (changing one changes FIDs, splits and
 validation losses), so each is a named constant here, never a literal at its use.
@@ -18,9 +19,15 @@ VALIDATION = 2  # + eval.seed: the validation loss's fixed noise
 VALIDATION_POSTERIOR = 1  # folded into VALIDATION's key: one fixed latent posterior draw
 GRID = 1_000_003  # folded into PRNGKey(eval.seed): the sample grid's noise
 
-# numpy generators: default_rng([seed, stream]).
+# numpy generators: default_rng([seed, stream, *more]).
+EPOCH_ORDER = 0  # config.seed, epoch: the data pipeline's shuffle of each epoch
+FLIPS = 1  # config.seed, step: the data pipeline's random flips of each step
 SPLIT = 7  # data.val_seed: the held-out validation split's permutation
 STRATIFIED = 11  # a seeded class-stratified sample (data.max_examples, eval.fid.reference_size)
+# The dataset CNN (evaluation/feature_net.py) under its own seed: default_rng(seed) holds out its
+# test images, jax.random.key(seed) initialises it, default_rng(seed + FEATURE_NET_BATCHES) orders
+# its minibatches.
+FEATURE_NET_BATCHES = 1
 
 
 def grid_key(eval_seed: int) -> jax.Array:
@@ -39,6 +46,6 @@ def validation_keys(eval_seed: int) -> tuple:
   return key, jax.random.fold_in(key, VALIDATION_POSTERIOR)
 
 
-def numpy_rng(seed: int, stream: int) -> np.random.Generator:
-  """numpy's generator of `stream` (SPLIT, STRATIFIED) under `seed`."""
-  return np.random.default_rng([seed, stream])
+def numpy_rng(seed: int, stream: int, *more: int) -> np.random.Generator:
+  """numpy's generator of `stream` (EPOCH_ORDER, FLIPS, SPLIT, STRATIFIED) under `seed`."""
+  return np.random.default_rng([seed, stream, *more])

@@ -3,7 +3,7 @@ the sampler of the objective the run was trained with (objectives.from_config of
 
   python tools/sample.py --workdir=/tmp/dit_cpu --out=/tmp/grid.png --steps=250 --cfg_scale=4
   python tools/sample.py --workdir=DIR --sampler=ddim --steps=ddim50 --labels=207,360,387,974
-  python tools/sample.py --workdir=FLOW_RUN --sampler=euler --steps=50   # a diffusion.objective=flow run
+  python tools/sample.py --workdir=FLOW_RUN --sampler=euler --steps=50   # a flow-trained run
 
 DDPM with 250 respaced steps and guidance 1.5 is the paper's FID setting; 4.0 gives its figures.
 A DDPM run takes --sampler ddpm (default) or ddim and --steps as a respacing ('250', 'ddim50'); a
@@ -42,8 +42,9 @@ flags.DEFINE_string("vae_path", "", "SD-VAE folder that decodes a latent model's
 flags.mark_flags_as_required(["workdir"])
 
 
-def sample_fn(config, model, data_kind: str):
-  """(the objective's sampler for the flags, its name), or ValueError naming the flag at fault."""
+def chosen_sampler(config) -> tuple:
+  """(the run's objective, the sampler the flags choose), checked against each other before any
+  checkpoint is read; ValueError names the flag at fault."""
   objective = objectives.from_config(config)
   sampler = FLAGS.sampler or ("ddpm" if objective.name == "ddpm" else config.flow.sampler)
   if sampler not in objective.samplers:
@@ -51,22 +52,30 @@ def sample_fn(config, model, data_kind: str):
                      f"{objective.samplers}")
   if objective.name == "flow":
     objectives.Flow.check_steps(FLAGS.steps, "--steps")
-  try:
-    fn = objective.sample_fn(model, steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale,
-                             guide_channels=FLAGS.guide_channels, data_kind=data_kind,
-                             sampler=sampler, eta=FLAGS.eta)
-  except ValueError as e:
-    raise ValueError(f"--steps={FLAGS.steps} / --guide_channels={FLAGS.guide_channels}: {e}"
-                     ) from None
-  return fn, f"{objective.name} {sampler}" if objective.name != sampler else sampler
+    if FLAGS.guide_channels:
+      raise ValueError("--guide_channels applies to DDPM's eps channels; flow guides every channel")
+  else:
+    try:
+      objective.respaced(FLAGS.steps)
+    except ValueError as e:
+      raise ValueError(f"--steps={FLAGS.steps}: {e}") from None
+  return objective, sampler
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if text.enabled(train.load_config(FLAGS.workdir).get("text")):
+  try:
+    config = train.load_config(FLAGS.workdir)
+  except FileNotFoundError as e:
+    sys.exit(f"sample.py: {e}")
+  if text.enabled(config.get("text")):
     sys.exit(f"sample.py: {FLAGS.workdir} is a text-conditioned run; sample it with "
              f"tools/sample_prompt.py --workdir={FLAGS.workdir} --prompt=...")
+  try:
+    objective, sampler = chosen_sampler(config)
+  except ValueError as e:
+    sys.exit(f"sample.py: {e}")
   run = train.load_trained(FLAGS.workdir, FLAGS.step)
   if FLAGS.labels:
     labels = np.array([int(v) for v in FLAGS.labels.split(",")], np.int32)
@@ -74,10 +83,9 @@ def main(argv):
     labels = np.arange(FLAGS.num, dtype=np.int32) % max(run.data_state["num_classes"], 1)
   if run.model.num_classes and labels.max() >= run.model.num_classes:
     sys.exit(f"sample.py: --labels must be < {run.model.num_classes}")
-  try:
-    sample, name = sample_fn(run.config, run.model, run.data_state["kind"])
-  except ValueError as e:
-    sys.exit(f"sample.py: {e}")
+  sample = objective.sample_fn(run.model, steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale,
+                               guide_channels=FLAGS.guide_channels,
+                               data_kind=run.data_state["kind"], sampler=sampler, eta=FLAGS.eta)
   shape = (len(labels),) + tuple(run.data_state["image_shape"])
   x = np.asarray(sample(run.params, jnp.asarray(labels), jax.random.PRNGKey(FLAGS.seed), shape))
   if run.data_state["kind"] == "latents":
@@ -86,6 +94,7 @@ def main(argv):
       sys.exit("sample.py: this model was trained on latents: pass --vae_path to decode them")
     x = evaluators.decode_latents(vae_path, x, run.data_state["scaling_factor"])
   images.save_grid(np.asarray(images.quantize(x)), FLAGS.out)
+  name = sampler if sampler == objective.name else f"{objective.name} {sampler}"
   print(f"step {run.step}: {len(labels)} samples ({name}, {FLAGS.steps} steps, "
         f"cfg {FLAGS.cfg_scale}) -> {FLAGS.out}")
 

@@ -2,8 +2,8 @@
 
 With `text.enabled`, a run reads a `CaptionSource`: the class-labelled source of `data.*` whose labels
 are replaced by the token ids (N, L) of their class's caption ("a handwritten digit seven"). The
-tokenizer is a pure function of (config.text, source): the vocabulary of the class captions. The trainer
-saves it as `tokenizer.json` in the workdir, so a trained run is sampled with the vocabulary it saw.
+tokenizer is a pure function of (config.text, source): the vocabulary of the class captions. The
+trainer saves it as `tokenizer.json` in the workdir, so a trained run is sampled with the vocabulary it saw.
 The model side (wrapping the backbone in `text.TextConditioned`) is `models.create`'s.
 """
 from __future__ import annotations

@@ -18,6 +18,7 @@ import numpy as np
 
 from dit_jax import sharding as sharding_lib
 from dit_jax.data import images as images_lib
+from dit_jax import rng as rng_lib
 from dit_jax.data import sources
 
 
@@ -61,7 +62,7 @@ class Pipeline:
     if epoch not in self._perms:
       if len(self._perms) > 2:
         self._perms.pop(min(self._perms))
-      rng = np.random.default_rng([self.seed, 0, epoch])
+      rng = rng_lib.numpy_rng(self.seed, rng_lib.EPOCH_ORDER, epoch)
       self._perms[epoch] = rng.permutation(self.source.num_examples)
     return self._perms[epoch]
 
@@ -74,7 +75,7 @@ class Pipeline:
     for e in np.unique(epochs):
       sel = epochs == e
       idx[sel] = self._permutation(int(e))[pos[sel] % n]
-    flips = np.random.default_rng([self.seed, 1, step]).random(self.global_batch_size) < 0.5
+    flips = rng_lib.numpy_rng(self.seed, rng_lib.FLIPS, step).random(self.global_batch_size) < 0.5
     flips = flips[self.local_start:self.local_stop] & self.source.flip
     return idx, flips
 

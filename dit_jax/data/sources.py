@@ -1,6 +1,6 @@
 """Data sources: what examples there are and how one is read, from a data config.
 
-`create_source(config.data)` is the one place a dataset name (`default_data_config().name`) is turned
+`create_source(config.data)` is the one place a dataset name (`data.name`) is turned
 into a `Source`, random-access examples `read(indices, flips)` -> (x, labels): pixels held in memory
 (`ArraySource`), decoded per read (`LazyImageSource`), or VAE posterior parameters in the on-disk
 latent format (`LatentSource`, see latent_format.py). The batch order lives in pipeline.py.
@@ -165,55 +165,55 @@ def labels_of(source: Source) -> np.ndarray:
   return source.read(np.arange(n), np.zeros(n, bool))[1]
 
 
-def _check_image_size(data_cfg):
-  size = data_cfg.image_size
+def _check_image_size(data):
+  size = data.image_size
   if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-    raise ValueError(f"data.image_size must be a positive int, got {data_cfg.image_size!r}")
-  if data_cfg.channels not in (0, 1, 3):
-    raise ValueError(f"data.channels must be 0 (native), 1 or 3, got {data_cfg.channels!r}")
+    raise ValueError(f"data.image_size must be a positive int, got {data.image_size!r}")
+  if data.channels not in (0, 1, 3):
+    raise ValueError(f"data.channels must be 0 (native), 1 or 3, got {data.channels!r}")
 
 
-def _require_path(data_cfg, what):
-  if not data_cfg.path:
-    raise ValueError(f"data.name={data_cfg.name!r} needs data.path: {what}")
-  path = pathlib.Path(data_cfg.path).expanduser()
+def _require_path(data, what):
+  if not data.path:
+    raise ValueError(f"data.name={data.name!r} needs data.path: {what}")
+  path = pathlib.Path(data.path).expanduser()
   if not path.exists():
-    raise ValueError(f"data.path={data_cfg.path!r} does not exist ({what})")
+    raise ValueError(f"data.path={data.path!r} does not exist ({what})")
   return path
 
 
-def _keep(data_cfg, labels) -> np.ndarray:
+def _keep(data, labels) -> np.ndarray:
   """The examples a source keeps: all, or with data.max_examples a class-stratified sample of
   that many drawn with data.val_seed (never the first N: folders list class by class)."""
-  if data_cfg.max_examples <= 0:
+  if data.max_examples <= 0:
     return np.arange(len(labels))
-  return stratified_sample(labels, data_cfg.max_examples, data_cfg.val_seed)
+  return stratified_sample(labels, data.max_examples, data.val_seed)
 
 
-def _array_source(data_cfg, images, labels, class_names, name, split="all"):
-  keep = _keep(data_cfg, labels)
+def _array_source(data, images, labels, class_names, name, split="all"):
+  keep = _keep(data, labels)
   n = len(keep)
-  images = np.stack([images_lib.prepare_image(images[i], data_cfg.image_size, data_cfg.channels)
+  images = np.stack([images_lib.prepare_image(images[i], data.image_size, data.channels)
                      for i in keep])
   labels = np.asarray(labels)[keep]
   num_classes = len(class_names) if class_names else int(labels.max()) + 1
   if not class_names:
     class_names = tuple(str(i) for i in range(num_classes))
   return ArraySource(name=name, image_shape=images.shape[1:], num_classes=num_classes,
-                     class_names=tuple(class_names), num_examples=n, flip=data_cfg.flip, split=split,
+                     class_names=tuple(class_names), num_examples=n, flip=data.flip, split=split,
                      images=images, labels=labels.astype(np.int32))
 
 
-def _folder_source(data_cfg, directory, name):
+def _folder_source(data, directory, name):
   directory, split = pathlib.Path(directory), "all"
-  if data_cfg.split and (directory / data_cfg.split).is_dir():
-    directory, split = directory / data_cfg.split, data_cfg.split
+  if data.split and (directory / data.split).is_dir():
+    directory, split = directory / data.split, data.split
   paths, labels, classes = datasets.list_image_folder(directory)
-  keep = _keep(data_cfg, labels)
+  keep = _keep(data, labels)
   paths, labels, n = [paths[i] for i in keep], np.asarray(labels)[keep], len(keep)
   with Image.open(paths[0]) as im:
     native_c = len(im.getbands())
-  c = data_cfg.channels or (1 if native_c == 1 else 3)
+  c = data.channels or (1 if native_c == 1 else 3)
   mode = {1: "L", 3: "RGB"}[c]
 
   def load(i):
@@ -221,11 +221,11 @@ def _folder_source(data_cfg, directory, name):
       arr = np.asarray(im.convert(mode))
     return arr[..., None] if arr.ndim == 2 else arr
 
-  lazy = LazyImageSource(name=name, image_shape=(data_cfg.image_size, data_cfg.image_size, c),
+  lazy = LazyImageSource(name=name, image_shape=(data.image_size, data.image_size, c),
                          num_classes=len(classes), class_names=classes, num_examples=n,
-                         flip=data_cfg.flip, split=split, load_fn=load, labels=labels, channels=c,
-                         num_workers=data_cfg.num_workers)
-  if n * data_cfg.image_size ** 2 * c > data_cfg.max_in_memory_gb * 2 ** 30:
+                         flip=data.flip, split=split, load_fn=load, labels=labels, channels=c,
+                         num_workers=data.num_workers)
+  if n * data.image_size ** 2 * c > data.max_in_memory_gb * 2 ** 30:
     return lazy
   return _materialize(lazy)
 
@@ -248,17 +248,17 @@ def tfds_reachable(timeout_s: float, host=TFDS_PROBE_HOST) -> bool:
     return False
 
 
-def _tfds_builder(data_cfg, name):
+def _tfds_builder(data, name):
   """A prepared TFDS builder, or DataUnavailableError within seconds when it can't be had."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
-    builder = tfds.builder(name, data_dir=data_cfg.tfds_data_dir or None)
+    builder = tfds.builder(name, data_dir=data.tfds_data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"unknown TFDS dataset {name!r} (data.tfds_name)") from e
   if builder.is_prepared():
     return builder
   where = builder.data_dir
-  if not tfds_reachable(data_cfg.tfds_probe_timeout_s):
+  if not tfds_reachable(data.tfds_probe_timeout_s):
     raise DataUnavailableError(
         f"TFDS dataset {name!r} is not prepared in {where} and the download host "
         f"{TFDS_PROBE_HOST[0]} is unreachable (offline?). Prepare it on a machine with network "
@@ -268,11 +268,11 @@ def _tfds_builder(data_cfg, name):
   return builder
 
 
-def _tfds_source(data_cfg, name):
+def _tfds_source(data, name):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = _tfds_builder(data_cfg, name)
-  if data_cfg.split not in builder.info.splits:
-    raise ValueError(f"TFDS {name!r} has splits {list(builder.info.splits)}, not {data_cfg.split!r}")
+  builder = _tfds_builder(data, name)
+  if data.split not in builder.info.splits:
+    raise ValueError(f"TFDS {name!r} has splits {list(builder.info.splits)}, not {data.split!r}")
   image_key, label_key = builder.info.supervised_keys or ("image", None)
   features = builder.info.features
   if image_key not in features:
@@ -280,111 +280,111 @@ def _tfds_source(data_cfg, name):
   class_names = ()
   if label_key is not None and hasattr(features[label_key], "names"):
     class_names = tuple(features[label_key].names)
-  total = builder.info.splits[data_cfg.split].num_examples
-  n = total if data_cfg.max_examples <= 0 else min(total, data_cfg.max_examples)
+  total = builder.info.splits[data.split].num_examples
+  n = total if data.max_examples <= 0 else min(total, data.max_examples)
   native_c = features[image_key].shape[-1] or 3
-  c = data_cfg.channels or native_c
-  fits = n * data_cfg.image_size ** 2 * c <= data_cfg.max_in_memory_gb * 2 ** 30
+  c = data.channels or native_c
+  fits = n * data.image_size ** 2 * c <= data.max_in_memory_gb * 2 ** 30
   file_format = str(getattr(builder.info, "file_format", "")).lower()
   if "array_record" in file_format:  # random access: decode on demand, or once if it fits in RAM
-    records = builder.as_data_source(data_cfg.split)
+    records = builder.as_data_source(data.split)
     labels = np.zeros(total, np.int32)
     if label_key:  # one pass over the records without decoding images
       label_records = builder.as_data_source(
-          data_cfg.split, decoders={image_key: tfds.decode.SkipDecoding()})
+          data.split, decoders={image_key: tfds.decode.SkipDecoding()})
       for start in range(0, total, 4096):
         batch = label_records.__getitems__(list(range(start, min(total, start + 4096))))
         labels[start:start + len(batch)] = [ex[label_key] for ex in batch]
-    keep = _keep(data_cfg, labels)
+    keep = _keep(data, labels)
     labels = labels[keep]
     num_classes = max(len(class_names), int(labels.max()) + 1)
     lazy = LazyImageSource(
-        name=name, image_shape=(data_cfg.image_size, data_cfg.image_size, c), num_classes=num_classes,
+        name=name, image_shape=(data.image_size, data.image_size, c), num_classes=num_classes,
         class_names=class_names or tuple(str(i) for i in range(num_classes)), num_examples=n,
-        flip=data_cfg.flip, split=data_cfg.split,
+        flip=data.flip, split=data.split,
         load_fn=lambda i: np.asarray(records[int(keep[i])][image_key]),
-        labels=labels, channels=data_cfg.channels, num_workers=data_cfg.num_workers)
+        labels=labels, channels=data.channels, num_workers=data.num_workers)
     return _materialize(lazy) if fits else lazy
   if not fits:
     raise ValueError(
-        f"TFDS {name!r} {data_cfg.split} at {data_cfg.image_size}px needs "
-        f"{n * data_cfg.image_size ** 2 * c / 2 ** 30:.1f} GiB (> data.max_in_memory_gb) and is stored as "
+        f"TFDS {name!r} {data.split} at {data.image_size}px needs "
+        f"{n * data.image_size ** 2 * c / 2 ** 30:.1f} GiB (> data.max_in_memory_gb) and is stored as "
         f"{file_format or 'tfrecord'}, which has no random access. Re-prepare it with "
         f"`tfds build {name} --file_format=array_record`, use data.name='folder', or extract "
         "latents (tools/extract_latents.py) and train on data.name='latents'.")
   # No random access: the whole split is read in order, then the stratified sample kept.
-  ds = builder.as_dataset(split=data_cfg.split, shuffle_files=False)
+  ds = builder.as_dataset(split=data.split, shuffle_files=False)
   images, labels = [], []
   for ex in tfds.as_numpy(ds):
-    images.append(images_lib.prepare_image(ex[image_key], data_cfg.image_size, data_cfg.channels))
+    images.append(images_lib.prepare_image(ex[image_key], data.image_size, data.channels))
     labels.append(ex[label_key] if label_key else 0)
-  keep = _keep(data_cfg, np.asarray(labels, np.int32))
+  keep = _keep(data, np.asarray(labels, np.int32))
   images, labels = [images[i] for i in keep], np.asarray(labels, np.int32)[keep]
   num_classes = max(len(class_names), int(labels.max()) + 1)
   return ArraySource(name=name, image_shape=images[0].shape, num_classes=num_classes,
                      class_names=class_names or tuple(str(i) for i in range(num_classes)),
-                     num_examples=n, flip=data_cfg.flip, split=data_cfg.split, images=np.stack(images),
+                     num_examples=n, flip=data.flip, split=data.split, images=np.stack(images),
                      labels=labels)
 
 
-def _latent_source(data_cfg):
-  directory = _require_path(data_cfg, "the directory written by tools/extract_latents.py")
+def _latent_source(data):
+  directory = _require_path(data, "the directory written by tools/extract_latents.py")
   meta = latent_format.latents_meta(directory)
-  if data_cfg.image_size not in (0, meta["image_size"]):
-    raise ValueError(f"data.image_size={data_cfg.image_size} but the latents in {directory} were "
+  if data.image_size not in (0, meta["image_size"]):
+    raise ValueError(f"data.image_size={data.image_size} but the latents in {directory} were "
                      f"extracted at {meta['image_size']}px; set data.image_size to "
                      f"{meta['image_size']} or 0")
-  if data_cfg.flip and meta["flips"] < 2:
+  if data.flip and meta["flips"] < 2:
     raise ValueError(f"data.flip=True but {directory} holds no flipped encodings; set "
                      "data.flip=False or re-extract with flips")
   moments, labels, offsets = latent_format.read_shards(directory, meta)
   labels = np.concatenate(labels).astype(np.int32)
-  keep = _keep(data_cfg, labels)
+  keep = _keep(data, labels)
   n = len(keep)
   h, w, c2 = moments[0].shape[2:]
   return LatentSource(
       name="latents", image_shape=(h, w, c2 // 2), num_classes=meta["num_classes"],
-      class_names=tuple(meta["class_names"]), num_examples=n, flip=data_cfg.flip, kind="latents",
+      class_names=tuple(meta["class_names"]), num_examples=n, flip=data.flip, kind="latents",
       scaling_factor=meta["scaling_factor"], moments=moments, labels=labels[keep],
       offsets=np.asarray(offsets[:-1]), keep=None if n == len(labels) else keep)
 
 
-def create_source(data_cfg: ml_collections.ConfigDict) -> Source:
+def create_source(data: ml_collections.ConfigDict) -> Source:
   """Builds the data source a config names; raises ValueError on bad settings before any compile."""
-  if data_cfg.name not in SOURCE_NAMES:
-    raise ValueError(f"unknown data.name {data_cfg.name!r}; choose one of {SOURCE_NAMES}")
-  if data_cfg.name == "latents":
-    if not isinstance(data_cfg.image_size, int) or data_cfg.image_size < 0:
-      raise ValueError(f"data.image_size must be 0 or the extracted size, got {data_cfg.image_size!r}")
-    return _latent_source(data_cfg)
-  _check_image_size(data_cfg)
-  if data_cfg.name == "digits":
+  if data.name not in SOURCE_NAMES:
+    raise ValueError(f"unknown data.name {data.name!r}; choose one of {SOURCE_NAMES}")
+  if data.name == "latents":
+    if not isinstance(data.image_size, int) or data.image_size < 0:
+      raise ValueError(f"data.image_size must be 0 or the extracted size, got {data.image_size!r}")
+    return _latent_source(data)
+  _check_image_size(data)
+  if data.name == "digits":
     images, labels = datasets.read_digits()
-    return _array_source(data_cfg, images, labels, tuple(str(i) for i in range(10)), "digits")
-  if data_cfg.name == "mnist" and data_cfg.path:
-    directory = _require_path(data_cfg, "the directory with MNIST's *-idx?-ubyte.gz files")
-    prefix = {"test": "t10k", "t10k": "t10k", "train": "train"}.get(data_cfg.split)
+    return _array_source(data, images, labels, tuple(str(i) for i in range(10)), "digits")
+  if data.name == "mnist" and data.path:
+    directory = _require_path(data, "the directory with MNIST's *-idx?-ubyte.gz files")
+    prefix = {"test": "t10k", "t10k": "t10k", "train": "train"}.get(data.split)
     if prefix is None:
-      raise ValueError(f"MNIST splits are 'train' and 'test', got data.split={data_cfg.split!r}")
+      raise ValueError(f"MNIST splits are 'train' and 'test', got data.split={data.split!r}")
     if not (directory / f"{prefix}-images-idx3-ubyte.gz").is_file():
-      raise ValueError(f"{directory} has no {prefix}-images-idx3-ubyte.gz (split {data_cfg.split!r})")
+      raise ValueError(f"{directory} has no {prefix}-images-idx3-ubyte.gz (split {data.split!r})")
     images, labels = datasets.read_mnist(directory, prefix)
-    return _array_source(data_cfg, images, labels, tuple(str(i) for i in range(10)), "mnist", prefix)
-  if data_cfg.name == "cifar10" and data_cfg.path:
-    return _folder_source(data_cfg, _require_path(data_cfg, "a folder with one sub-folder per class"),
+    return _array_source(data, images, labels, tuple(str(i) for i in range(10)), "mnist", prefix)
+  if data.name == "cifar10" and data.path:
+    return _folder_source(data, _require_path(data, "a folder with one sub-folder per class"),
                           "cifar10")
-  if data_cfg.name in ("mnist", "cifar10"):
-    return _tfds_source(data_cfg, data_cfg.name)
-  if data_cfg.name == "tfds":
-    if not data_cfg.tfds_name:
+  if data.name in ("mnist", "cifar10"):
+    return _tfds_source(data, data.name)
+  if data.name == "tfds":
+    if not data.tfds_name:
       raise ValueError("data.name='tfds' needs data.tfds_name, e.g. 'imagenet2012' or 'celeb_a'")
-    return _tfds_source(data_cfg, data_cfg.tfds_name)
-  if data_cfg.name == "folder":
-    path = _require_path(data_cfg, "a folder with one sub-folder per class")
-    return _folder_source(data_cfg, path, identity("folder", path))
-  path = _require_path(data_cfg, "an .npz file with 'images' (N,H,W[,C] uint8) and 'labels'")
+    return _tfds_source(data, data.tfds_name)
+  if data.name == "folder":
+    path = _require_path(data, "a folder with one sub-folder per class")
+    return _folder_source(data, path, identity("folder", path))
+  path = _require_path(data, "an .npz file with 'images' (N,H,W[,C] uint8) and 'labels'")
   images, labels = datasets.read_npz(path)
-  return _array_source(data_cfg, images, labels, (), identity("npz", path))
+  return _array_source(data, images, labels, (), identity("npz", path))
 
 
 def describe(source: Source) -> str:

@@ -19,6 +19,7 @@ import optax
 from flax import traverse_util
 
 from dit_jax import files
+from dit_jax import rng as rng_lib
 from dit_jax import sharding as sharding_lib
 from dit_jax.data import images as images_lib
 from dit_jax.data import sources
@@ -108,7 +109,7 @@ def train(images: np.ndarray, labels: np.ndarray, *, num_classes: int | None = N
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
-  rng = np.random.default_rng(seed + 1)
+  rng = np.random.default_rng(seed + rng_lib.FEATURE_NET_BATCHES)
   t0 = time.time()
   order = np.array([], np.int64)
   for i in range(steps):

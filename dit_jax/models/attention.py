@@ -14,7 +14,8 @@ Autodiff of jax's function instead differentiates the softmax as (g - sum(g * P)
 (B, N, T, S) logits and keeps the products in the (B, T, N, H) layout, which XLA:CPU (jax 0.10)
 serves with transposing copies around every per-head product. On DiT-S/2's shape (8 x 256 tokens,
 6 heads of 64) one attention's forward+backward takes 30-34 ms on the 2-core CPU against 37-47 ms
-for jax's (experiments/xla_cpu_grads/repro_xla_cpu_grads.py, three runs; experiments/xla_cpu_grads/README.md, issue 16). Results agree to
+for jax's (experiments/xla_cpu_grads/repro_xla_cpu_grads.py, three runs;
+experiments/xla_cpu_grads/README.md, issue 16). Results agree to
 float32 rounding (tests/test_fast_grads.py).
 """
 import jax

@@ -6,7 +6,8 @@ free axes first) and then transposes it into the kernel's layout. XLA:CPU (jax 0
 that transpose: it copies dy (the larger operand: tokens x 3D for qkv, tokens x 4D for fc1) into
 transposed order and runs the product as a plain dot outside the YNNPACK fusions the other products
 use. On DiT-S/2's fc1 shape (2048 tokens, 384 -> 1536) the layer's backward takes 36 ms instead of
-26 on the 2-core CPU (experiments/xla_cpu_grads/repro_xla_cpu_grads.py; experiments/xla_cpu_grads/README.md, issue 16).
+26 on the 2-core CPU (experiments/xla_cpu_grads/repro_xla_cpu_grads.py;
+experiments/xla_cpu_grads/README.md, issue 16).
 
 `dot_general` here has the same forward and computes the same two gradients, written as the
 products a hand-written backward uses: dx = dy . w^T over the kernel's free axes and

@@ -295,7 +295,7 @@ def make_flow_sample_fn(model, flow: Flow, *, method: str = "euler", num_steps: 
                         diffusion_form: str = "sigma", diffusion_norm: float = 1.0,
                         last_step: Optional[str] = "mean", last_step_size: float = 0.04,
                         mesh=None) -> Callable:
-  """jitted (params, labels_B, rng, x_shape) -> samples, as train.make_sample_fn; cfg_scale != 1
+  """jitted (params, labels_B, rng, x_shape) -> samples, as sampling.make_sample_fn; cfg_scale != 1
   guides a class-conditional model. A 2C-channel (learn_sigma) network, e.g. a converted SiT
   checkpoint, is sampled from its first C channels, as SiT does. With `mesh` the samples come back
   replicated."""

@@ -2,7 +2,8 @@
 at equal steps or, with `sweep.budgets`, at equal training compute; and each member's training
 config, made from the sweep config.
 
-A member is one training run in `<workdir>/<run>/`, named `<model>[-<objective>][-b<budget>]-s<seed>`.
+A member is one training run in `<workdir>/<run>/`, named
+`<model>[-<objective>][-b<budget>]-s<seed>`.
 """
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ def evaluation_rows(run: str, run_dir, info: dict, extra: dict) -> list[dict]:
   rows = []
   for step in sorted(by_step):
     rows.append(dict(run=run, **info, step=step,
-                     train_compute_gflops=flops.training_gflops(info["gflops"], extra["batch_size"], step),
+                     train_compute_gflops=flops.training_gflops(info["gflops"],
+                                                                extra["batch_size"], step),
                      images_per_s=sum(speeds) / len(speeds) if speeds else math.nan, status="ok",
                      **by_step[step], **extra, **ref))
   return rows

@@ -1,4 +1,5 @@
-"""The scaling sweep's run: check every member, train those not finished, collect their rows, report.
+"""The scaling sweep's run: check every member, train those not finished, collect their rows,
+report.
 
 The members (model size x patch size, plus U-Nets, x objective x seed, at equal steps or at equal
 compute) and their training configs are `members.py`'s. Each member is one training run
@@ -96,7 +97,8 @@ class _Progress:
 
 
 def _unfinished(members, configs, path) -> list:
-  """The members without a final row in `path`; a final row made under another config is an error."""
+  """The members without a final row in `path`; a final row made under another config is an
+  error."""
   done = {r["run"]: r.get("config_fingerprint") for r in files.read_jsonl(path)
           if r.get("final") and r.get("status") == "ok"}
   todo = []

@@ -6,7 +6,8 @@ in `config_check`'s order: every field that needs no data first (nothing is read
 then the data is read and the model and evaluators are checked against it, then the batch sizes
 against the mesh; no feature network is built and nothing compiles before all three have passed.
 It then runs the same code on one CPU and on a multi-host mesh. Re-running resumes from the
-workdir's latest checkpoint; SIGTERM saves and returns. `load_trained(workdir)` reads a run back for sampling.
+workdir's latest checkpoint; SIGTERM saves and returns. `load_trained(workdir)` reads a run back
+for sampling.
 
 A workdir holds config.json, checkpoints/ (orbax: the whole TrainState and the data state), a text
 run's tokenizer.json, metrics.jsonl and TensorBoard events, and samples/.
