@@ -50,15 +50,7 @@ def chosen_sampler(config) -> tuple:
   if sampler not in objective.samplers:
     raise ValueError(f"--sampler={sampler}: a {objective.name}-trained run samples with one of "
                      f"{objective.samplers}")
-  if objective.name == "flow":
-    objectives.Flow.check_steps(FLAGS.steps, "--steps")
-    if FLAGS.guide_channels:
-      raise ValueError("--guide_channels applies to DDPM's eps channels; flow guides every channel")
-  else:
-    try:
-      objective.respaced(FLAGS.steps)
-    except ValueError as e:
-      raise ValueError(f"--steps={FLAGS.steps}: {e}") from None
+  objective.check_sampling(FLAGS.steps, FLAGS.guide_channels, "--", "steps")
   return objective, sampler
 
 

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import rng as rng_lib
 from dit_jax import sharding as sharding_lib
 from dit_jax.data import images as images_lib
-from dit_jax import rng as rng_lib
 from dit_jax.data import sources
 
 

@@ -142,7 +142,7 @@ def paper_models() -> tuple:
 
 
 def check_config(model_cfg) -> None:
-  """The model fields of a training model_cfg; needs no data or devices."""
+  """The model fields (`model_config(config)`); needs no data or devices."""
   family, _, _ = parse(model_cfg.model)
   for field in ("depth", "hidden_size", "num_heads"):
     if model_cfg[field] < 0:

@@ -8,7 +8,9 @@ model_factory returns a model with its loss):
   the validation loss: per-example noise and times (`draw_noise_and_t`), the per-example loss terms
   (`training_losses`), a fixed stratified set of times (`fixed_times`) and the terms at given times
   and noise (`validation_losses`);
-- `sample_fn(...)`: its sampler, one signature `(params, labels_B, rng, shape) -> samples`;
+- `sample_fn(...)`: its sampler, one signature `(params, labels_B, rng, shape) -> samples`, and
+  `check_sampling(...)`, the check of what a sampler is asked for (the evaluators' sub-configs and
+  tools/sample.py's flags both go through it);
 - `provenance(fid, data_kind)`: the results-row fields that say how its samples were drawn;
 - `learns_sigma(requested)` (also a class method, for the sweep before a config exists): whether the
   model learns the reverse variance (DDPM's LEARNED_RANGE; never for flow).
@@ -58,11 +60,13 @@ class Ddpm:
     return diffusion_lib.create(schedule=d.schedule, timesteps=d.timesteps, respacing=respacing,
                                 learn_sigma=self._learn_sigma, prediction=d.prediction)
 
-  def check_eval(self, name: str, ev) -> None:
+  def check_sampling(self, steps, guide_channels: int, where: str, steps_field: str) -> None:
+    """`steps` must be a respacing ('250', 'ddim50'); errors name `where` + `steps_field`."""
+    del guide_channels  # any count; checked against the eps channels with the data
     try:
-      self.respaced(ev.respacing)
+      self.respaced(steps)
     except ValueError as e:
-      raise ValueError(f"eval.{name}.respacing={ev.respacing!r}: {e}") from None
+      raise ValueError(f"{where}{steps_field}={steps!r}: {e}") from None
 
   def sample_fn(self, model, *, steps: str, cfg_scale: float, guide_channels: int = 0,
                 data_kind: str = "images", mesh=None, sampler: str = "", eta: float = 0.0
@@ -100,17 +104,15 @@ class Flow:
     lo, hi = self._cfg.guidance_interval
     return None if (lo, hi) == (0.0, 1.0) else (float(lo), float(hi))
 
-  def check_eval(self, name: str, ev) -> None:
-    if ev.guide_channels:
-      raise ValueError(f"eval.{name}.guide_channels applies to DDPM's eps channels; the flow "
+  def check_sampling(self, steps, guide_channels: int, where: str, steps_field: str) -> None:
+    """`steps` must be a positive number of integration steps and `guide_channels` 0; errors
+    name `where` + the field."""
+    if guide_channels:
+      raise ValueError(f"{where}guide_channels applies to DDPM's eps channels; the flow "
                        f"objective guides every channel (leave it at 0)")
-    self.check_steps(ev.respacing, f"eval.{name}.respacing")
-
-  @staticmethod
-  def check_steps(steps, what: str) -> None:
     if not str(steps).isdigit() or int(steps) < 1:
-      raise ValueError(f"{what}={steps!r}: with the flow objective it is the number of "
-                       f"integration steps, a positive integer")
+      raise ValueError(f"{where}{steps_field}={steps!r}: with the flow objective it is the number "
+                       f"of integration steps, a positive integer")
 
   def sample_fn(self, model, *, steps: str, cfg_scale: float, guide_channels: int = 0,
                 data_kind: str = "images", mesh=None, sampler: str = "", eta: float = 0.0
@@ -133,10 +135,11 @@ REGISTRY = {"ddpm": Ddpm, "flow": Flow}
 OBJECTIVES = tuple(REGISTRY)
 
 
-def family(name: str):
-  """The objective class registered as `name` ('ddpm', 'flow'), with a clear error."""
+def family(name: str, field: str = "diffusion.objective"):
+  """The objective class registered as `name` ('ddpm', 'flow'); an unknown name is an error that
+  names the config `field` it came from."""
   if name not in REGISTRY:
-    raise ValueError(f"diffusion.objective={name!r}: use one of {OBJECTIVES}")
+    raise ValueError(f"{field}={name!r}: use one of {OBJECTIVES}")
   return REGISTRY[name]
 
 
@@ -170,5 +173,6 @@ def from_config(config) -> Any:
   else:
     objective = Ddpm(config.diffusion, config.learn_sigma, config.eval.clip_denoised)
   for name in ("grid", "fid"):
-    objective.check_eval(name, config.eval[name])
+    ev = config.eval[name]
+    objective.check_sampling(ev.respacing, ev.guide_channels, f"eval.{name}.", "respacing")
   return objective

@@ -119,8 +119,7 @@ def check_config(s, eval_cfg) -> None:
     raise ValueError(f"sweep.workers must be >= 0 and sweep.budgets positive (got {s.workers}, "
                      f"{tuple(s.budgets)})")
   for objective in s.objectives:
-    if objective not in objectives.OBJECTIVES:
-      raise ValueError(f"sweep.objectives: {objective!r} is not one of {objectives.OBJECTIVES}")
+    objectives.family(objective, field="sweep.objectives")
   q, v = eval_cfg.fid, eval_cfg.val
   if not ((q.every_steps > 0 and q.num_samples > 0) or v.every_steps > 0):
     raise ValueError("a sweep records one row per evaluation: set eval.fid.every_steps and "

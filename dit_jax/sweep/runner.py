@@ -50,9 +50,10 @@ def preflight(config, workdir: pathlib.Path):
       probe = members_lib.Member("", name, objective, config.seed, config.num_train_steps)
       cfg = members_lib.member_config(config, probe)
       config_check.check(cfg)
-      # family, size, patch, params, gflops (paper convention), xla_gflops of the model on the data
-      info = models.describe(config_check.check_with_data(cfg, source), name)
-    infos[name] = dict(model=name, **info)
+      model = config_check.check_with_data(cfg, source)
+    # family, size, patch, params, gflops (paper convention), xla_gflops (a compile) of the model
+    # on the data, counted once, with the last objective's model
+    infos[name] = dict(model=name, **models.describe(model, name))
   gflops = {n: i["gflops"] for n, i in infos.items()}
   members = members_lib.select(
       members_lib.plan(config.sweep, config.num_train_steps, config.batch_size, gflops),
