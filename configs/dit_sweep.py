@@ -49,6 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sweep.seeds = (0,)  # Training seeds: every model is trained once per seed.
   config.sweep.objectives = ("ddpm",)  # ddpm and/or flow (diffusion.objective) for every model.
   config.sweep.budgets = ()  # Training compute budgets (Gflops): an iso-FLOP sweep (steps per model).
+  config.sweep.max_steps = 2_000_000  # Refuse a budget that plans a member longer (5x the paper's).
   config.sweep.workers = 0  # Members trained at once, one process per core (0 = in this process).
 
   if arg == "paper":

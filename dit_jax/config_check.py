@@ -63,10 +63,31 @@ def _load_config_file(spec: str):
   return module.get_config(preset) if preset else module.get_config()
 
 
-def check_argv(argv) -> None:
+def _last_overrides(argv) -> list:
+  """argv with each `--config.FIELD` override kept only where it is given last: ml_collections
+  appends a repeated tuple override to the first (`sweep.patches=(8,4)` then `=(2,)` gave
+  (8, 4, 2)); the last value wins, as it does for every scalar flag."""
+  def field(a):
+    return a[len("--config."):].split("=", 1)[0] if a.startswith("--config.") else None
+  last = {field(a): i for i, a in enumerate(argv) if field(a)}
+  out, skip = [], False
+  for i, a in enumerate(argv):
+    if skip:
+      skip = False
+      continue
+    if field(a) and last[field(a)] != i:
+      skip = "=" not in a  # the two-token form `--config.FIELD VALUE`
+      continue
+    out.append(a)
+  return out
+
+
+def check_argv(argv) -> list:
   """The command line before flag parsing: the config file exists, and every `--config.FIELD`
   override is a field of it (renamed ones name their new name, typos the nearest fields), so a
-  mistyped flag is one line, not a traceback after the config dump."""
+  mistyped flag is one line, not a traceback after the config dump. Returns argv with repeated
+  overrides reduced to their last value."""
+  argv = _last_overrides(list(argv))
   specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
   specs += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
   fields = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
@@ -74,8 +95,11 @@ def check_argv(argv) -> None:
     if field in RENAMED:
       raise ValueError(renamed_message(field))
   if not specs:
-    return
-  config = _load_config_file(specs[-1])
+    return argv
+  try:
+    config = _load_config_file(specs[-1])
+  except ValueError as e:  # an unknown preset
+    raise ValueError(f"--config={specs[-1]}: {e}") from None
   for field in fields:
     if not _has(config, field):
       leaves = traverse_util.flatten_dict(config.to_dict(), sep=".")
@@ -83,6 +107,7 @@ def check_argv(argv) -> None:
       close = difflib.get_close_matches(field, same_depth, n=3, cutoff=0.6)
       hint = f"; did you mean {' or '.join(close)}?" if close else ""
       raise ValueError(f"--config.{field}: {specs[-1]} has no field {field!r}{hint}")
+  return argv
 
 
 def _has(node, dotted: str) -> bool:

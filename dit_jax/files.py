@@ -12,8 +12,10 @@ import json
 import os
 import pathlib
 import warnings
+import zipfile
 
 import numpy as np
+from absl import logging
 
 
 def read_jsonl(path) -> list[dict]:
@@ -73,6 +75,35 @@ def append_jsonl(path, rows) -> None:
     out.write(*rows)
   finally:
     out.close()
+
+
+# What reading a truncated or corrupt .npz raises: zipfile's, numpy's and the OS's errors.
+UNREADABLE = (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError)
+
+
+def read_cache(path, read):
+  """`read(path)` of a cache file, or None on a miss: no file, or one that does not read back (a
+  truncated or corrupt file is logged with its path, then recomputed and replaced by the caller)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return None
+  try:
+    return read(path)
+  except UNREADABLE as e:
+    logging.warning("%s: cached file does not read back (%s: %s); recomputing it", path,
+                    type(e).__name__, e)
+    return None
+
+
+def read_npz(path, read):
+  """`read(npz)` of a user's .npz file (np.load); one that does not read back is a ValueError
+  naming it."""
+  try:
+    with np.load(path) as f:
+      return read(f)
+  except (zipfile.BadZipFile, EOFError) as e:
+    raise ValueError(f"{path}: not a readable .npz ({type(e).__name__}: {e}); is it truncated?"
+                     ) from None
 
 
 def atomic_write_text(path, text: str) -> None:

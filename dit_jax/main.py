@@ -2,9 +2,13 @@
 
   python -m dit_jax.main --config=configs/default.py:cpu --workdir=/tmp/dit     # one model
   python -m dit_jax.main --config=configs/dit_sweep.py                          # the scaling sweep
+
+Exit codes (errors.py): 0 finished, 1 a member failed (or a bug), 2 a user error (one line; the
+traceback with --verbose), 75 preempted by SIGTERM (re-run the same command to resume).
 """
 import os
 import sys
+import traceback
 
 # TensorFlow (via clu and tfds) logs its C++ INFO lines at import; keep its warnings and errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -13,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dit_jax import config_check
+from dit_jax import errors
 from dit_jax.sweep import runner as sweep
 from dit_jax.training import compile_cache
 from dit_jax.training import train
@@ -23,8 +28,30 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and res
 config_flags.DEFINE_config_file("config", None, "Config file (with an optional :preset).",
                                 lock_config=True)
 flags.DEFINE_bool("verbose", False, "A sweep logs only one line per member and errors; --verbose "
-                  "brings back the INFO logs (training metrics, orbax, TensorFlow).")
+                  "brings back the INFO logs (training metrics, orbax, TensorFlow), and a user "
+                  "error's traceback.")
 flags.mark_flags_as_required(["config"])
+
+
+def _run(workdir) -> None:
+  """The run or sweep of --config (FLAGS.config) into `workdir`."""
+  if "sweep" in FLAGS.config and not FLAGS.verbose:
+    logging.set_verbosity(logging.WARNING)  # the sweep prints its own progress lines
+  compile_cache.enable()  # seeds, resumes and re-runs load their programs instead of compiling
+  if "sweep" in FLAGS.config:
+    failed = sweep.run(FLAGS.config, workdir)
+    if failed:
+      logging.error("sweep: %d member(s) failed: %s (see %s/results.jsonl)", len(failed), failed,
+                    workdir)
+      sys.exit(errors.EXIT_FAILED)
+    return
+  config_check.check(FLAGS.config)  # before the config dump, so that a bad field is the last line
+  logging.info("config:\n%s", FLAGS.config)
+  state = train.train_and_evaluate(FLAGS.config, workdir)
+  steps = FLAGS.config.num_train_steps
+  if state is not None and int(state.step) < steps:
+    raise errors.Preempted(f"SIGTERM at step {int(state.step)} of {steps}; the checkpoint is saved "
+                           f"in {workdir}, re-run to resume")
 
 
 def main(argv):
@@ -33,27 +60,29 @@ def main(argv):
   # Orbax logs every save step by step at INFO; keep its warnings only.
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
-  config = FLAGS.config
-  workdir = FLAGS.workdir or config.get("workdir")
+  workdir = FLAGS.workdir or FLAGS.config.get("workdir")
   if not workdir:
     raise app.UsageError("--workdir is required (this config has no default workdir)")
-  if "sweep" in config and not FLAGS.verbose:
-    logging.set_verbosity(logging.WARNING)  # the sweep prints its own progress lines
-  logging.info("config:\n%s", config)
-  compile_cache.enable()  # seeds, resumes and re-runs load their programs instead of compiling
-  if "sweep" in config:
-    failed = sweep.run(config, workdir)
-    if failed:
-      logging.error("sweep: %d member(s) failed: %s (see %s/results.jsonl)", len(failed), failed,
-                    workdir)
-      sys.exit(1)
-  else:
-    train.train_and_evaluate(config, workdir)
+  try:
+    _run(workdir)
+  except errors.Preempted as e:
+    print(f"dit_jax.main: preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_PREEMPTED)
+  except Exception as e:  # pylint: disable=broad-except
+    cause = errors.root_cause(e)
+    if not errors.is_user_error(cause):
+      raise
+    if FLAGS.verbose:
+      traceback.print_exc()
+    hint = "" if FLAGS.verbose else " (--verbose for the traceback)"
+    print(f"dit_jax.main: error: {errors.one_line(cause)}{hint}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":
   try:
-    config_check.check_argv(sys.argv[1:])
+    sys.argv[1:] = config_check.check_argv(sys.argv[1:])
   except ValueError as e:
-    sys.exit(f"dit_jax.main: {e}")
+    print(f"dit_jax.main: error: {e}", file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
   app.run(main)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from dit_jax import errors
 from dit_jax import files
 from dit_jax.sweep import members as members_lib
 from dit_jax.sweep import runner as sweep
@@ -129,7 +130,8 @@ def test_sigterm_stops_the_sweep_without_marking_the_member_finished(tmp_path, m
         json.dumps({"step": 2, "fid_digits_cnn": 20.0, "wall_s": 1.0}) + "\n")
     return types.SimpleNamespace(step=2)  # of num_train_steps=4
   monkeypatch.setattr(train, "train_and_evaluate", preempted_train)
-  assert sweep.run(config, tmp_path / "w") == []
+  with pytest.raises(errors.Preempted, match="SIGTERM"):  # main exits 75 on it
+    sweep.run(config, tmp_path / "w")
   assert trained == ["DiT-Pico/8"]
   assert not [r for r in files.read_jsonl(tmp_path / "w" / "results.jsonl") if r.get("final")]
 

@@ -20,7 +20,9 @@ def _worker_pids():
       cmd = (d / "cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
       continue
-    if b"dit_jax.sweep.workers" in cmd and d.name.isdigit() and int(d.name) != os.getpid():
+    # this test process's workers only (their last argument is their parent's pid), never those
+    # of a sweep running beside the tests
+    if b"dit_jax.sweep.workers" in cmd and d.name.isdigit() and str(os.getpid()).encode() in cmd:
       pids.append(int(d.name))
   return pids
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from dit_jax import errors
 from dit_jax import objectives
 from dit_jax.data import images
 from dit_jax.evaluation import evaluators
@@ -58,23 +59,34 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    config = train.load_config(FLAGS.workdir)
-  except FileNotFoundError as e:
-    sys.exit(f"sample.py: {e}")
-  if text.enabled(config.get("text")):
-    sys.exit(f"sample.py: {FLAGS.workdir} is a text-conditioned run; sample it with "
-             f"tools/sample_prompt.py --workdir={FLAGS.workdir} --prompt=...")
-  try:
-    objective, sampler = chosen_sampler(config)
-  except ValueError as e:
-    sys.exit(f"sample.py: {e}")
-  run = train.load_trained(FLAGS.workdir, FLAGS.step)
+    sample()
+  except errors.USER_ERRORS as e:  # one line, as dit_jax.main's (errors.py); exit code 2
+    print(f"sample.py: error: {errors.one_line(e)}", file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
+
+
+def _labels(num_classes: int) -> np.ndarray:
   if FLAGS.labels:
-    labels = np.array([int(v) for v in FLAGS.labels.split(",")], np.int32)
+    try:
+      labels = np.array([int(v) for v in FLAGS.labels.split(",")], np.int32)
+    except ValueError:
+      raise ValueError(f"--labels={FLAGS.labels!r}: comma-separated class numbers") from None
   else:
-    labels = np.arange(FLAGS.num, dtype=np.int32) % max(run.data_state["num_classes"], 1)
-  if run.model.num_classes and labels.max() >= run.model.num_classes:
-    sys.exit(f"sample.py: --labels must be < {run.model.num_classes}")
+    labels = np.arange(FLAGS.num, dtype=np.int32) % max(num_classes, 1)
+  if num_classes and (labels.max() >= num_classes or labels.min() < 0):
+    raise ValueError(f"--labels={FLAGS.labels}: the model has classes 0..{num_classes - 1}")
+  return labels
+
+
+def sample() -> None:
+  """Checks the flags against the run, then samples and writes the grid."""
+  config = train.load_config(FLAGS.workdir)
+  if text.enabled(config.get("text")):
+    raise ValueError(f"{FLAGS.workdir} is a text-conditioned run; sample it with "
+                     f"tools/sample_prompt.py --workdir={FLAGS.workdir} --prompt=...")
+  objective, sampler = chosen_sampler(config)
+  run = train.load_trained(FLAGS.workdir, FLAGS.step)
+  labels = _labels(run.model.num_classes)
   sample = objective.sample_fn(run.model, steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale,
                                guide_channels=FLAGS.guide_channels,
                                data_kind=run.data_state["kind"], sampler=sampler, eta=FLAGS.eta)
@@ -83,7 +95,7 @@ def main(argv):
   if run.data_state["kind"] == "latents":
     vae_path = FLAGS.vae_path or run.config.eval.vae_path
     if not vae_path:
-      sys.exit("sample.py: this model was trained on latents: pass --vae_path to decode them")
+      raise ValueError("this model was trained on latents: pass --vae_path to decode them")
     x = evaluators.decode_latents(vae_path, x, run.data_state["scaling_factor"])
   images.save_grid(np.asarray(images.quantize(x)), FLAGS.out)
   name = sampler if sampler == objective.name else f"{objective.name} {sampler}"

@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dit_jax import config_check
+from dit_jax import errors
 from dit_jax import objectives
 from dit_jax.data import captions
 from dit_jax.data import images
@@ -96,11 +97,17 @@ def main(argv):
     x = sample_prompts(FLAGS.workdir, FLAGS.prompt, num=FLAGS.num, sampler=FLAGS.sampler,
                        steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed,
                        step=FLAGS.step, vae_path=FLAGS.vae_path)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"sample_prompt: {e}")
+  except errors.USER_ERRORS as e:  # one line, as dit_jax.main's (errors.py); exit code 2
+    print(f"sample_prompt: error: {errors.one_line(e)}", file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
   images.save_grid(x, FLAGS.out, ncol=FLAGS.num)
   print(f"wrote {FLAGS.out}: {len(FLAGS.prompt)} prompt(s) x {FLAGS.num} samples")
 
 
 if __name__ == "__main__":
+  try:  # the --config.FIELD overrides, as dit_jax.main checks them
+    sys.argv[1:] = config_check.check_argv(sys.argv[1:])
+  except ValueError as e:
+    print(f"sample_prompt: error: {e}", file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
   app.run(main)

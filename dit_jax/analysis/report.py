@@ -43,11 +43,27 @@ def read(paths) -> list[dict]:
       text = json.dumps(rs, sort_keys=True)  # as text: NaN != NaN would make equal rows differ
       if run in seen:
         if seen[run][1] != text:
-          raise ValueError(f"run {run!r} is in {seen[run][0]} and {path} with different rows")
+          raise ValueError(f"run {run!r} is in {seen[run][0]} and {path} with different rows "
+                           f"({_first_difference(seen[run][2], rs)}): two experiments that share "
+                           "run names; report them separately (or rename one workdir's runs)")
         continue  # the same run copied into two files: once
-      seen[run] = (path, text)
+      seen[run] = (path, text, rs)
       rows.extend(rs)
   return rows
+
+
+def _first_difference(a: list, b: list) -> str:
+  """Which fields of two runs' rows differ, the provenance (reference, data, feature network)
+  first: e.g. 'fid_reference_fingerprint: 3f2a... vs 9c1b...'."""
+  if len(a) != len(b):
+    return f"{len(a)} vs {len(b)} rows"
+  first = ("fid_reference_fingerprint", "data_name", "fid_metric", "config_fingerprint")
+  for x, y in zip(a, b):
+    keys = sorted(set(x) | set(y), key=lambda k: (k not in first, k))
+    for k in keys:
+      if json.dumps(x.get(k)) != json.dumps(y.get(k)):
+        return f"{k}: {x.get(k)} vs {y.get(k)} at step {x.get('step')}"
+  return "same fields, different order"
 
 
 def _clean(x):

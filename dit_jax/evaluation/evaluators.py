@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import pathlib
+import tempfile
 import time
 
 import jax
@@ -88,6 +89,8 @@ def check_with_data(eval_cfg, data_cfg, source) -> None:
       raise ValueError(f"eval.{name}.guide_channels={g}, but the model predicts {eps_channels} "
                        f"eps channels (the rest are variance values, never guided)")
   q = eval_cfg.fid
+  if q.every_steps and q.num_samples:
+    _check_cache_dir(pathlib.Path(q.cache_dir or inception.default_cache_dir()))
   if q.every_steps and q.num_samples and source.kind == "latents":
     if not (q.reference and eval_cfg.vae_path):
       raise ValueError("eval.fid on latents needs eval.fid.reference (reference statistics .npz, "
@@ -101,6 +104,22 @@ def check_with_data(eval_cfg, data_cfg, source) -> None:
           f"{images['image_size']} px decoded images, but latents have no labelled pixels to train "
           f"it on; use 'inception' (with an Inception reference such as ADM's), or 'auto' with "
           f"decoded images of 64 px and more")
+
+
+def _check_cache_dir(cache) -> None:
+  """A cache the feature network and reference statistics can be written to (a file is created
+  and removed there), or one that already holds some (a read-only, pre-filled cache on a pod is
+  fine); one that is neither is an error now, not after the model compiled."""
+  try:
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=cache):
+      return
+  except OSError as e:
+    if cache.is_dir() and any(cache.glob("*.npz")):
+      return
+    raise PermissionError(f"eval.fid.cache_dir: cannot write to {cache} ({e.strerror or e}) and "
+                          "it holds no cached feature network or reference statistics; set "
+                          "eval.fid.cache_dir to a writable folder") from None
 
 
 def feature_images(eval_cfg, data_cfg, source) -> dict:

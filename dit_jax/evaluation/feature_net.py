@@ -177,8 +177,9 @@ def load_or_train(dataset: str, cache_dir, image_size: int, labelled_images,
     raise ValueError(f"labelled images are {images.shape[1:3]}, the net is for {image_size}px")
   key = data_key(images, labels)
   path = cache_path(cache_dir, dataset, image_size, channels, key)
-  if path.exists() and not retrain:
-    variables, meta = load(path)
+  cached = None if retrain else files.read_cache(path, load)
+  if cached is not None:
+    variables, meta = cached
     if meta.get("data_key") == key:
       return variables, meta
     if log:

@@ -174,27 +174,32 @@ def load_reference(path, feature_name: str, feature_fn: FeatureFn | None = None,
   ADM's files hold Inception statistics (mu, sigma, mu_s, sigma_s) and the images (arr_0); the
   features for precision/recall are computed from arr_0 when `feature_fn` is given.
   """
-  with np.load(path) as f:
-    keys = set(f.files)
-    if not {"mu", "sigma"} <= keys:
-      raise ValueError(f"{path}: no mu/sigma; expected a reference .npz (ours or ADM's), has "
-                       f"{sorted(keys)}")
-    stored_name = str(f["feature_net"]) if "feature_net" in keys else None
-    if stored_name is None and not feature_name.startswith("inception"):
-      raise ValueError(f"{path} has no feature_net entry, so it is taken as ADM's Inception "
-                       f"reference, which cannot be used with feature network {feature_name!r}")
-    if stored_name is not None and stored_name != feature_name:
-      raise ValueError(f"{path} holds statistics of feature network {stored_name!r}, not "
-                       f"{feature_name!r}")
-    ref = Reference(feature_name, f["mu"], f["sigma"],
-                    f["mu_s"] if "mu_s" in keys else None, f["sigma_s"] if "sigma_s" in keys else None,
-                    f["features"] if "features" in keys else None,
-                    int(f["num_images"]) if "num_images" in keys else 0)
-    if ref.features is None and "arr_0" in keys and feature_fn is not None:
-      images = f["arr_0"]
-      ref.num_images = ref.num_images or len(images)
-      ref.features = extract_features(feature_fn, images[:PR_REFERENCE_SIZE], batch_size, mesh,
-                                      desc="reference P/R features")["pool"].astype(np.float32)
+  return files.read_npz(path, lambda f: _reference_of(f, path, feature_name, feature_fn, batch_size,
+                                                     mesh))
+
+
+def _reference_of(f, path, feature_name, feature_fn, batch_size, mesh) -> Reference:
+  """The Reference in the open .npz `f` (load_reference)."""
+  keys = set(f.files)
+  if not {"mu", "sigma"} <= keys:
+    raise ValueError(f"{path}: no mu/sigma; expected a reference .npz (ours or ADM's), has "
+                     f"{sorted(keys)}")
+  stored_name = str(f["feature_net"]) if "feature_net" in keys else None
+  if stored_name is None and not feature_name.startswith("inception"):
+    raise ValueError(f"{path} has no feature_net entry, so it is taken as ADM's Inception "
+                     f"reference, which cannot be used with feature network {feature_name!r}")
+  if stored_name is not None and stored_name != feature_name:
+    raise ValueError(f"{path} holds statistics of feature network {stored_name!r}, not "
+                     f"{feature_name!r}")
+  ref = Reference(feature_name, f["mu"], f["sigma"],
+                  f["mu_s"] if "mu_s" in keys else None, f["sigma_s"] if "sigma_s" in keys else None,
+                  f["features"] if "features" in keys else None,
+                  int(f["num_images"]) if "num_images" in keys else 0)
+  if ref.features is None and "arr_0" in keys and feature_fn is not None:
+    images = f["arr_0"]
+    ref.num_images = ref.num_images or len(images)
+    ref.features = extract_features(feature_fn, images[:PR_REFERENCE_SIZE], batch_size, mesh,
+                                    desc="reference P/R features")["pool"].astype(np.float32)
   return ref
 
 
@@ -221,11 +226,15 @@ def cached_reference(cache_dir, dataset: str, split: str, image_size: int, featu
   bytes, the network's weights), stored in the file and checked on load; computed on a miss."""
   key = reference_key(files.content_hash(images_u8), feature_fn)
   path = reference_path(cache_dir, dataset, split, image_size, feature_name, key)
-  if path.exists():
-    with np.load(path) as f:
+  def read(p):
+    with np.load(p) as f:
       stored = str(f["key"]) if "key" in f.files else None
-    if stored == key:
-      return load_reference(path, feature_name)
+    return load_reference(p, feature_name) if stored == key else stored
+  cached = files.read_cache(path, read)
+  if isinstance(cached, Reference):
+    return cached
+  if cached is not None:
+    stored = cached
     if log:
       log(f"{path} holds statistics of other images or weights (key {stored}, now {key}); "
           "recomputing")

@@ -334,9 +334,14 @@ def load_params(weights=None, cache_dir=None, download: bool = True) -> dict:
     raise FileNotFoundError(f"Inception weights {path} do not exist. Get {FID_WEIGHTS_URL} and pass "
                             f"its path.")
   npz = path if path.suffix == ".npz" else path.with_suffix(".flax.npz")
-  if npz.exists():
-    with np.load(npz) as f:
+  def read(p):
+    with np.load(p) as f:
       return traverse_util.unflatten_dict(dict(f), sep="/")
+  if npz == path:  # the user's converted weights: an unreadable file is their error
+    return files.read_npz(path, lambda f: traverse_util.unflatten_dict(dict(f), sep="/"))
+  cached = files.read_cache(npz, read)  # a truncated conversion is made again from the .pth
+  if cached is not None:
+    return cached
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:

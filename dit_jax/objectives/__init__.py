@@ -169,7 +169,10 @@ def from_config(config) -> Any:
     raise ValueError(f"eval.clip_denoised={config.eval.clip_denoised!r}: use one of {CLIP_MODES}")
   if cls is Flow:
     _check_flow(config.flow, config.learn_sigma, config.text.enabled)
-    objective = Flow(config.flow, config.learn_sigma, config.eval.clip_denoised)
+    try:
+      objective = Flow(config.flow, config.learn_sigma, config.eval.clip_denoised)
+    except ValueError as e:  # flow.create names its argument: the field under flow.
+      raise ValueError(f"flow.{e}") from None
   else:
     objective = Ddpm(config.diffusion, config.learn_sigma, config.eval.clip_denoised)
   for name in ("grid", "fid"):

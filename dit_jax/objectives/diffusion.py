@@ -64,7 +64,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     section_counts = [section_counts]
   elif isinstance(section_counts, str):
     if section_counts.startswith("ddim"):
-      want = int(section_counts[len("ddim"):])
+      want = section_counts[len("ddim"):]
+      if not want.isdigit() or int(want) < 1:
+        raise ValueError(f"respacing {section_counts!r}: 'ddimN' needs a step count N >= 1, "
+                         "e.g. 'ddim50'")
+      want = int(want)
       for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == want:
           return list(range(0, num_timesteps, stride))

@@ -260,13 +260,13 @@ class Flow:
 
 def _finite(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise ValueError(f"{name} must be a real number, got {value!r}")
+    raise ValueError(f"{name}={value!r}: must be a real number")
   v = float(value)
   bad = (not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo))
          or (hi is not None and (v >= hi if hi_open else v > hi)))
   if bad:
     rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
+    raise ValueError(f"{name}={value!r}: must be a finite number in {rng}")
   return v
 
 
@@ -284,15 +284,16 @@ def create(path: str = "linear", prediction: str = "velocity", time_sampling: st
   fails here, loudly.
   """
   if path not in PATHS:
-    raise ValueError(f"unknown path {path!r}; use one of {PATHS}")
+    raise ValueError(f"path={path!r}: unknown path; use one of {PATHS}")
   if prediction not in PREDICTIONS:
-    raise ValueError(f"unknown prediction {prediction!r}; use one of {PREDICTIONS}")
+    raise ValueError(f"prediction={prediction!r}: unknown prediction; use one of {PREDICTIONS}")
   if time_sampling not in TIME_SAMPLINGS:
-    raise ValueError(f"unknown time_sampling {time_sampling!r}; use one of {TIME_SAMPLINGS}")
+    raise ValueError(f"time_sampling={time_sampling!r}: unknown time sampling; use one of "
+                     f"{TIME_SAMPLINGS}")
   logit_mean = _finite("logit_mean", logit_mean)
   logit_std = _finite("logit_std", logit_std, lo=0.0, lo_open=True)
   if time_sampling != "logit_normal" and (logit_mean != 0.0 or logit_std != 1.0):
-    raise ValueError(f"logit_mean / logit_std set but time_sampling={time_sampling!r}; they only "
+    raise ValueError(f"logit_mean, logit_std: set, but time_sampling={time_sampling!r}; they only "
                      "apply to 'logit_normal'")
   shift = _finite("shift", shift, lo=0.0, lo_open=True)
   default = 0.0 if prediction == "velocity" else DEFAULT_EPS
@@ -305,8 +306,8 @@ def create(path: str = "linear", prediction: str = "velocity", time_sampling: st
                      "velocity model on all of [0, 1]); leave it None or 0")
   if prediction != "velocity" and (train_eps == 0.0 or sample_eps == 0.0):
     end = "t = 0 (alpha = 0)" if prediction == "noise" else "t = 1 (sigma = 0)"
-    raise ValueError(f"a {prediction} model's velocity is infinite at {end}: train_eps and "
-                     f"sample_eps must be > 0 (got {train_eps}, {sample_eps})")
+    raise ValueError(f"train_eps, sample_eps=({train_eps}, {sample_eps}): must be > 0, a "
+                     f"{prediction} model's velocity is infinite at {end}")
   timestep_scale = _finite("timestep_scale", timestep_scale, lo=0.0, lo_open=True)
   if bool(learn_sigma):
     raise ValueError(f"learn_sigma={learn_sigma!r}: a flow model predicts no variance; build the "

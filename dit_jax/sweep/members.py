@@ -48,16 +48,33 @@ def isoflop_plan(budgets_gflops, model_gflops: dict, batch_size: int) -> list:
   return plan
 
 
+def _check_budgets(sweep, budget_plan: list, gflops: dict, batch_size: int) -> None:
+  """Every budget buys some model at least one step, and no member more than sweep.max_steps."""
+  for budget in sweep.budgets:
+    if not any(p["budget"] == float(budget) for p in budget_plan):
+      cheapest = min(flops.training_gflops(g, batch_size) for g in gflops.values())
+      raise ValueError(f"sweep.budgets: {float(budget):g} Gflops buys no model a single training "
+                       f"step (the cheapest step costs {cheapest:.4g} Gflops at batch {batch_size})")
+  too_long = [p for p in budget_plan if p["steps"] > sweep.max_steps]
+  if too_long:
+    p = max(too_long, key=lambda p: p["steps"])
+    raise ValueError(f"sweep.budgets: {p['budget']:g} Gflops plans {p['model']} at {p['steps']:,} "
+                     f"steps, more than sweep.max_steps={sweep.max_steps:,}; lower the budget or "
+                     "raise sweep.max_steps")
+
+
 def plan(sweep, num_train_steps: int, batch_size: int, gflops: dict) -> list[Member]:
   """Every member of `sweep` (config.sweep), in order: budget, model, objective, seed; each trains
-  num_train_steps, or with sweep.budgets the steps that spend its budget at batch_size."""
+  num_train_steps, or with sweep.budgets the steps that spend its budget at batch_size (a budget
+  that buys no model a step, or a member more than sweep.max_steps, is a ValueError)."""
   out = []
   steps = {(None, m): num_train_steps for m in gflops}
   budgets = [None]
   if sweep.budgets:
     budgets = [float(b) for b in sweep.budgets]
-    steps = {(p["budget"], p["model"]): p["steps"] for p in
-             isoflop_plan(budgets, gflops, batch_size)}
+    budget_plan = isoflop_plan(budgets, gflops, batch_size)
+    _check_budgets(sweep, budget_plan, gflops, batch_size)
+    steps = {(p["budget"], p["model"]): p["steps"] for p in budget_plan}
   for budget in budgets:
     for model in gflops:
       if (budget, model) not in steps:
@@ -104,9 +121,31 @@ def member_config(config: ml_collections.ConfigDict, m: Member) -> ml_collection
   return cfg
 
 
+# What each tuple of the sweep block holds, and an example of its flag's value.
+TUPLE_FIELDS = {"sizes": ((str,), "('S','B')"), "patches": ((int,), "(8,4,2)"),
+                "extra_models": ((str,), "('UNet-B',)"), "seeds": ((int,), "(0,1,2)"),
+                "objectives": ((str,), "('ddpm',)"), "budgets": ((int, float), "(300,900)")}
+
+
+def _check_types(s) -> None:
+  """The sweep's tuples hold what they name (a flag like `sweep.patches=abc` parses as a string)."""
+  for field, (types, example) in TUPLE_FIELDS.items():
+    value = s[field]
+    if not isinstance(value, (tuple, list)):
+      raise ValueError(f"sweep.{field}={value!r}: expected a tuple, e.g. {example}")
+    bad = [v for v in value if isinstance(v, bool) or not isinstance(v, types)]
+    if bad:
+      what = {int: "an integer", str: "a name"}.get(types[0]) if len(types) == 1 else "a number"
+      raise ValueError(f"sweep.{field}={tuple(value)!r}: {bad[0]!r} is not {what}; e.g. "
+                       f"{example}")
+  if isinstance(s.max_steps, bool) or not isinstance(s.max_steps, int) or s.max_steps < 1:
+    raise ValueError(f"sweep.max_steps={s.max_steps!r}: a positive number of steps")
+
+
 def check_config(s, eval_cfg) -> None:
   """The sweep block `s` (config.sweep), and what a sweep needs of the training config's `eval_cfg`
   (config.eval): an evaluation to record."""
+  _check_types(s)
   if not model_names(s) or not s.seeds or not s.objectives:
     raise ValueError("the sweep has no members: set sweep.sizes and sweep.patches (or "
                      "sweep.extra_models), sweep.seeds and sweep.objectives")

@@ -24,12 +24,14 @@ import ml_collections
 from absl import logging
 
 from dit_jax import config_check
+from dit_jax import errors
 from dit_jax import files
 from dit_jax import models
 from dit_jax import sharding as sharding_lib
 from dit_jax.data import captions
 from dit_jax.data import sources
 from dit_jax.evaluation import evaluators
+from dit_jax.models import flops
 from dit_jax.sweep import members as members_lib
 from dit_jax.sweep import results
 from dit_jax.sweep import workers
@@ -58,11 +60,25 @@ def preflight(config, workdir: pathlib.Path):
   members = members_lib.select(
       members_lib.plan(config.sweep, config.num_train_steps, config.batch_size, gflops),
       config.sweep.member)
+  if not members:
+    raise ValueError("the sweep has no members to train (sweep.member, sweep.budgets)")
   configs = {m.run: members_lib.member_config(config, m) for m in members}
   for m in members:  # a member trained before under another config is never resumed silently
     fingerprint.check_same_config(workdir / members_lib.run_dir_name(m.run) / "config.json",
                                   configs[m.run], write=False)
   return members, configs, infos, source
+
+
+def show_plan(members, infos, batch_size: int) -> None:
+  """The plan, before anything trains: per model (and budget), its steps, seeds and compute."""
+  plan = {}
+  for m in members:
+    plan.setdefault((m.model, m.budget, m.objective, m.steps), []).append(m.seed)
+  for (model, budget, objective, steps), seeds in plan.items():
+    pflops = flops.training_gflops(infos[model]["gflops"], batch_size) * steps / 1e6
+    at = "" if budget is None else f" at budget {budget:g} Gflops"
+    print(f"  plan: {model} ({objective}){at}: {steps:,} steps x {len(seeds)} seed(s), "
+          f"{pflops:.4g} PFLOP each", flush=True)
 
 
 def _collect(m: members_lib.Member, info: dict, extra: dict, run_dir) -> list[dict]:
@@ -126,6 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
     if jax.process_index() == 0:
       print(f"sweep: {len(members)} members, {len(todo)} to train ({len(members) - len(todo)} "
             f"finished) in {workdir}", flush=True)
+      show_plan(todo, infos, config.batch_size)
     if todo and config.sweep.workers > 0 and config.eval.fid.every_steps > 0 \
         and config.eval.fid.num_samples > 0:
       # The feature network and FID reference the members will load (training the dataset CNN
@@ -135,7 +152,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
                                                sharding_lib.create_mesh(first.mesh_shape))
     extras = {m.run: dict(results.provenance(configs[m.run], source.kind), budget_gflops=m.budget)
               for m in todo}
-    failed = _train_all(configs, config.sweep.workers, workdir, todo, infos, extras, path)
+    failed, preempted = _train_all(configs, config.sweep.workers, workdir, todo, infos, extras,
+                                   path)
+    if preempted:  # no report from half a sweep; the scheduler sees exit code 75 (errors.py)
+      raise errors.Preempted(f"SIGTERM: the running members saved their checkpoints; re-run to "
+                             f"resume the sweep in {workdir}")
     rows = files.read_jsonl(path) if jax.process_index() == 0 else []
     if rows:
       from dit_jax.analysis import report  # pylint: disable=import-outside-toplevel
@@ -143,8 +164,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
   return failed
 
 
-def _train_all(configs, num_workers, workdir, todo, infos, extras, path) -> list[str]:
-  """Trains `todo` (each with its configs[run]) in this process or in `num_workers` workers."""
+def _train_all(configs, num_workers, workdir, todo, infos, extras, path) -> tuple:
+  """Trains `todo` (each with its configs[run]) in this process or in `num_workers` workers:
+  (the runs that failed, whether SIGTERM stopped the sweep)."""
   progress, failed, by_run = _Progress(todo, infos), [], {m.run: m for m in todo}
   run_dir = lambda run: workdir / members_lib.run_dir_name(run)
 
@@ -172,10 +194,7 @@ def _train_all(configs, num_workers, workdir, todo, infos, extras, path) -> list
       if code != workers.PREEMPTED:
         finish(by_run[run], seconds,
                None if code == 0 else workers.last_error(run_dir(run), code))
-    if not workers.run_pool(jobs, num_workers, on_done):
-      logging.warning("sweep: SIGTERM; the running members saved their checkpoints, re-run the "
-                      "sweep to resume them")
-    return failed
+    return failed, not workers.run_pool(jobs, num_workers, on_done)
   for m in todo:
     t0 = time.perf_counter()
     try:
@@ -189,6 +208,6 @@ def _train_all(configs, num_workers, workdir, todo, infos, extras, path) -> list
       # than start the next member; re-running the command resumes this one.
       logging.warning("sweep: %s stopped at step %d of %d (SIGTERM); its checkpoint is saved, "
                       "re-run the sweep to resume", m.run, int(jax.device_get(state.step)), m.steps)
-      break
+      return failed, True
     finish(m, time.perf_counter() - t0, None)
-  return failed
+  return failed, False

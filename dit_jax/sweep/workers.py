@@ -4,7 +4,7 @@ On a small CPU most members do not speed up on a second core (XLA:CPU keeps a sm
 on about one core), but two processes, one per core, do run twice the work. `sweep.workers = N`
 starts N workers, worker k pinned to core k mod N, each
 
-  python -m dit_jax.sweep.workers CORE
+  python -m dit_jax.sweep.workers CORE PARENT_PID
 
 and feeds them members one at a time: a JSON line {"key", "config", "run_dir"} on the worker's
 stdin; the worker trains it with `train.train_and_evaluate` (its own workdir lock, checkpoints,
@@ -12,7 +12,7 @@ resume), its logs going to RUN_DIR/train.log, and answers {"key", "code"} on its
 lives for the whole sweep, so Python, jax and TensorFlow are imported once per core, not once per
 member, and the compilation cache (compile_cache.py) serves the programs of a model's later seeds.
 A worker that dies takes only its member with it (recorded as failed); a fresh one takes its
-place. Only the parent writes results rows, so nothing interleaves. Runs are identical whatever N
+place. A worker dies with the parent (`die_with_parent`): killing the sweep kills its workers. Only the parent writes results rows, so nothing interleaves. Runs are identical whatever N
 is and whatever ran before in the worker: every worker sees one core, so XLA's thread pool has one
 thread, and every run draws from its own seeds.
 """
@@ -24,12 +24,15 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable
 
 import ml_collections
 
-PREEMPTED = 75  # exit code of a member that saved its checkpoint on SIGTERM and stopped early
+from dit_jax import errors
+
+PREEMPTED = errors.EXIT_PREEMPTED  # a member that saved its checkpoint on SIGTERM and stopped
 DIED = -1000  # `code` of a member whose worker process died under it (the signal is in its log)
 
 
@@ -42,7 +45,8 @@ class _Worker:
 
   def __init__(self, core: int):
     self.core, self.job, self.t0, self.termed = core, None, 0.0, False
-    self.proc = subprocess.Popen([sys.executable, "-m", "dit_jax.sweep.workers", str(core)],
+    self.proc = subprocess.Popen([sys.executable, "-m", "dit_jax.sweep.workers", str(core),
+                                  str(os.getpid())],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
   def start(self, job) -> None:
@@ -131,10 +135,27 @@ def _train_one(config_dict: dict, run_dir: str) -> int:
   return 0 if int(state.step) >= config.num_train_steps else PREEMPTED
 
 
+def die_with_parent(parent: int) -> None:
+  """SIGKILL this worker when the sweep's parent process `parent` dies, however it dies (kill -9
+  included): an orphan would keep training untracked and hold its member's lock. Linux's
+  PR_SET_PDEATHSIG does it at once; a thread that watches for re-parenting does it elsewhere."""
+  if sys.platform.startswith("linux"):
+    import ctypes  # pylint: disable=import-outside-toplevel
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+  threading.Thread(target=watch, daemon=True, name="die_with_parent").start()
+
+
 def main(argv) -> int:
-  """A worker on core argv[1]: trains the members it reads from stdin until stdin closes, or until
-  one fails (a fresh process takes the next)."""
+  """A worker on core argv[1] for the parent process argv[2]: trains the members it reads from
+  stdin until stdin closes, or until one fails (a fresh process takes the next)."""
   core = int(argv[1])
+  die_with_parent(int(argv[2]))  # the parent may already be gone: then the watcher kills us
   # Before the first computation creates XLA's CPU client, whose thread pool is sized by the cores
   # this process may use.
   os.sched_setaffinity(0, {core})

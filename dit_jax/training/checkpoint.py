@@ -15,6 +15,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from dit_jax import errors
+
 
 class Checkpointer:
   """Keep-N asynchronous checkpoints of {state, data} under `directory`."""
@@ -45,6 +47,9 @@ class Checkpointer:
     """Starts saving (async); `data_state` is JSON (e.g. the pipeline's next step and seed)."""
     if step in self._manager.all_steps():
       return False
+    # Refused up front (one line naming the folder and its free space), not half-written by
+    # orbax's background threads into a cascade of tracebacks; earlier checkpoints stay intact.
+    errors.check_free_space(self.directory, state_bytes(state) * 1.05 + 2**20)
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 
@@ -100,6 +105,11 @@ class Checkpointer:
 
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def state_bytes(state) -> float:
+  """The bytes this process writes for `state`: its arrays' global sizes over the processes."""
+  return sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")) / jax.process_count()
 
 
 def remove_partial_saves(directory) -> list:

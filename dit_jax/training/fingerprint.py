@@ -42,9 +42,25 @@ def changed_fields(old: dict, new: dict) -> list[str]:
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
+def _extends(saved_steps: int, steps: int, config_json: str, path, write: bool) -> bool:
+  """Whether `config` extends the run saved at `path` (only num_train_steps differs, and it is
+  raised): training goes on from the last checkpoint, as the DiT paper reads one run at many steps.
+  The learning-rate schedule (warm-up, then constant: train_step.learning_rate_schedule) does not
+  read num_train_steps, so the steps already taken are the new run's; a schedule that does (a
+  decay to the end) would have to refuse this. Lowering it is refused."""
+  if steps < saved_steps:
+    raise ValueError(f"num_train_steps={steps}: {path.parent} was configured for "
+                     f"{saved_steps} steps; a run can be extended, not shortened (sample an earlier "
+                     "checkpoint with tools/sample.py --step instead)")
+  if write:
+    files.atomic_write_text(path, config_json)
+  return True
+
+
 def check_same_config(path, config, write: bool = True) -> None:
   """Refuses to continue a run whose saved config (`path`, JSON) differs in a result-changing
-  field; writes the config when there is none yet (unless write=False)."""
+  field, except a raised num_train_steps (`_extends`: the saved config is updated); writes the
+  config when there is none yet (unless write=False)."""
   path = pathlib.Path(path)
   if path.exists():
     try:
@@ -53,6 +69,10 @@ def check_same_config(path, config, write: bool = True) -> None:
       raise ValueError(f"{path} is not valid JSON ({e.msg}); move it away or use a new workdir"
                        ) from None
     changed = changed_fields(saved, fingerprinted(config.to_json_best_effort()))
+    if changed == ["num_train_steps"] and _extends(
+        saved["num_train_steps"], config.num_train_steps, config.to_json_best_effort(indent=1),
+        path, write):
+      return
     if changed:
       show = ", ".join(f"{k}" for k in changed[:8]) + (" ..." if len(changed) > 8 else "")
       raise ValueError(f"{path.parent} was trained with another config ({len(changed)} field(s) "

@@ -343,9 +343,13 @@ def load_trained(workdir, step: int | None = None) -> Trained:
   tokenizer = captions.load_tokenizer(workdir, config.get("text"))
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", read_only=True)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
+    saved = sorted(ckpt.all_steps())
+    if not saved:
       raise FileNotFoundError(f"no complete checkpoint in {workdir / 'checkpoints'}")
+    step = ckpt.latest_step() if step is None else step
+    if step not in saved:
+      raise FileNotFoundError(f"no checkpoint at step {step} in {workdir / 'checkpoints'}; saved "
+                              f"steps: {saved}")
     data_state = ckpt.restore_data_state(step)
     model = models.create(models.model_config(config), tuple(data_state["image_shape"]),
                           data_state["num_classes"], tokenizer=tokenizer)
