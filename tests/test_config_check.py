@@ -121,6 +121,10 @@ def test_renamed_fields_are_rejected_with_the_new_name(tmp_path, tripwires):
     ({"eval.fid.num_samples": 0, "eval.val.every_steps": 0}, "a sweep records one row per"),
     ({"sweep.sizes": ("Huge",)}, "unknown model"),
     ({"sweep.seeds": (1, 1)}, "distinct seeds"),
+    ({"sweep.patches": ("abc",)}, "'abc' is not an integer"),
+    ({"sweep.budgets": (1e-6,)}, "buys no model a single training step"),
+    ({"sweep.budgets": (1e12,)}, "more than sweep.max_steps"),
+    ({"sweep.member": "DiT-Q/8"}, "is not in the sweep"),
 ])
 def test_sweep_checks_every_member_before_training(overrides, match, tmp_path, tripwires,
                                                    monkeypatch):

@@ -544,7 +544,9 @@ def test_sample_tool_uses_the_flow_sampler_of_a_flow_run(tmp_path):
   assert not np.array_equal(wrong, want)  # the comparison above can tell the samplers apart
 
   for flags, message in ((["--sampler=ddim"], "a flow-trained run samples with one of"),
-                         (["--steps=ddim50"], "--steps='ddim50': with the flow objective")):
+                         (["--steps=ddim50"], "--steps='ddim50': with the flow objective"),
+                         (["--step=999"], "no checkpoint at step 999"),
+                         (["--labels=3,x"], "--labels='3,x': comma-separated class numbers")):
     bad = subprocess.run(tool + flags, env=subprocess_env(1), capture_output=True, text=True,
                          cwd=REPO)
     assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]

@@ -58,6 +58,10 @@ def _cli(args, workdir, env=None, timeout=600):
                         env=env or subprocess_env(1), timeout=timeout)
 
 
+def test_the_table_only_grows():
+  assert len(CLI_BAD) >= 15
+
+
 def test_every_listed_bad_input_is_one_line_naming_the_field(tmp_path):
   def probe(i):
     return _cli(CLI_BAD[i][0], tmp_path / f"w{i}")
