@@ -200,14 +200,15 @@ def implementations(model: nn.Module) -> dict:
   return dict(attention_impl=impl, dense_backward=dense)
 
 
-def create(model_cfg, image_shape, num_classes: int, tokenizer: text.Tokenizer | None = None
-           ) -> nn.Module:
+def create(model_cfg, image_shape, num_classes: int, tokenizer: text.Tokenizer | None = None,
+           backend: backend_lib.Backend | None = None) -> nn.Module:
   """The model `model_cfg.model` names (model_cfg: `model_config(config)`), sized to the data
   (image_shape = (H, W, C)), validated.
 
   With text.enabled: a text.TextConditioned whose encoder has the tokenizer's vocabulary and caption
   length (the caption source's, or a workdir's tokenizer.json) around the backbone built with
-  num_classes=0 and context_dim=text.width.
+  num_classes=0 and context_dim=text.width. attention_impl='auto' is resolved for `backend`
+  (default: this process's, backend.current()).
   """
   check_config(model_cfg)
   h, w, c = image_shape
@@ -215,13 +216,14 @@ def create(model_cfg, image_shape, num_classes: int, tokenizer: text.Tokenizer |
     raise ValueError(f"{model_cfg.model} needs square inputs, the data gives {h}x{w}")
   family = parse(model_cfg.model)[0]
   if not text.enabled(model_cfg.text):
-    return build(model_cfg.model, input_size=h, in_channels=c,
+    return build(model_cfg.model, input_size=h, in_channels=c, backend=backend,
                  **_common_fields(model_cfg, num_classes), **family.config_fields(model_cfg))
   if tokenizer is None:
     raise ValueError("text.enabled: the caption encoder's vocabulary comes from the run's "
                      "tokenizer (captions.training_source, or the workdir's tokenizer.json)")
   t = model_cfg.text
   backbone = build(model_cfg.model, input_size=h, in_channels=c, context_dim=t.width,
+                   backend=backend,
                    **_common_fields(model_cfg, 0), **family.config_fields(model_cfg))
   encoder = text.TextEncoder(tokenizer.vocab_size, tokenizer.max_length, width=t.width,
                              depth=t.depth, num_heads=t.num_heads, dtype=dtype_of(model_cfg.dtype),
@@ -273,7 +275,10 @@ def init_params(model: nn.Module, rng) -> Any:
 
 
 def abstract_params(model: nn.Module) -> Any:
-  """Shapes of the params, without allocating them."""
+  """Shapes of the params, without allocating them (traced with dit_jax's attention, which has the
+  same params, so a model built for cuDNN counts on a machine without it)."""
+  if getattr(model, "attention_impl", None) == "cudnn":
+    model = dataclasses.replace(model, attention_impl=None)
   return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
 
 
