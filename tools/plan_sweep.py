@@ -75,7 +75,10 @@ def compile_columns(model_cfg, image_shape, num_classes, batch, k, mesh_shape) -
   """XLA's FLOPs (unrolled) and XLA:CPU memory (as configured, remat off/on) on k fake devices."""
   mesh = sharding_lib.create_mesh(mesh_shape, devices=jax.devices()[:k])
   out = {}
+  dit = models.family_name(model_cfg.model) == "DiT"  # remat and scan_layers are DiT fields
   for remat, key in ((False, "xla_cpu_mem_gb"), (True, "xla_cpu_mem_remat_gb")):
+    if remat and not dit:
+      continue
     model_cfg.remat = remat
     out[key] = cost.compiled(models.create(model_cfg, image_shape, num_classes), batch,
                              mesh)["memory_gb"]
@@ -107,7 +110,7 @@ def plan(config, hw: cost.Hardware, k: int) -> list:
         xla[m.model] = compile_columns(models.model_config(cfg), image_shape, num_classes,
                                        config.batch_size, k, config.mesh_shape)
       c = xla[m.model]
-      row.update(xla_cpu_mem_gb=c["xla_cpu_mem_gb"], xla_cpu_mem_remat_gb=c["xla_cpu_mem_remat_gb"],
+      row.update(xla_cpu_mem_gb=c["xla_cpu_mem_gb"], xla_cpu_mem_remat_gb=c.get("xla_cpu_mem_remat_gb"),
                  xla_train_pflop=c["xla_train_flops_step"] * m.steps / 1e15)
     rows.append(dict(row, run=m.run))
   return rows

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from dit_jax import models
 from dit_jax.models import backend as backend_lib, flops
 
@@ -44,26 +46,26 @@ class Hardware:
 
 
 def memory_gb(model, batch_per_device: int, fsdp: int, remat: bool) -> dict:
-  """The analytic count above for a built DiT `model` (or a U-Net: state only) in GB (1e9)."""
+  """The analytic count above for a built DiT `model` in GB (1e9); a U-Net: state only, total
+  None (its activations are not counted)."""
   n_params = flops.count_params(models.abstract_params(model))
   state = STATE_COPIES * 4 * n_params / fsdp
-  act = 0.0
-  if models.family_of(model).name == "DiT":
-    d, n, depth = model.hidden_size, model.num_heads, model.depth
-    tokens = (model.input_size // model.patch_size) ** 2
-    tokens += 2 if model.conditioning == "in_context" else 0
-    probs = 0 if model.attention_impl == "cudnn" else n * tokens
-    size = DTYPE_BYTES[_dtype_name(model.dtype)]
-    per_block = (ACTIVATION_VALUES_PER_D * d + probs) * tokens * batch_per_device * size
-    if remat:
-      act = depth * d * tokens * batch_per_device * size + per_block
-    else:
-      act = depth * per_block
+  if models.family_of(model).name != "DiT":  # activations counted for DiTs only
+    return dict(state_gb=state / 1e9, activations_gb=None, total_gb=None)
+  d, n, depth = model.hidden_size, model.num_heads, model.depth
+  tokens = (model.input_size // model.patch_size) ** 2
+  tokens += 2 if model.conditioning == "in_context" else 0
+  probs = 0 if model.attention_impl == "cudnn" else n * tokens
+  size = DTYPE_BYTES[_dtype_name(model.dtype)]
+  per_block = (ACTIVATION_VALUES_PER_D * d + probs) * tokens * batch_per_device * size
+  if remat:
+    act = depth * d * tokens * batch_per_device * size + per_block
+  else:
+    act = depth * per_block
   return dict(state_gb=state / 1e9, activations_gb=act / 1e9, total_gb=(state + act) / 1e9)
 
 
 def _dtype_name(dtype) -> str:
-  import numpy as np  # pylint: disable=import-outside-toplevel
   return np.dtype(dtype).name
 
 
@@ -100,9 +102,13 @@ def member_row(model, steps: int, batch: int, devices: int, fsdp: int, hardware:
       model=models.name_of(model), attention=models.implementations(model)["attention_impl"],
       params_m=n_params / 1e6, gflops=gflops, steps=steps, train_pflop=train_flops / 1e15,
       mem_gb=mem["total_gb"], mem_remat_gb=mem_remat["total_gb"],
-      fits=mem["total_gb"] <= hardware.memory_gb,
-      fits_remat=mem_remat["total_gb"] <= hardware.memory_gb, step_s=step_s,
+      fits=_fits(mem["total_gb"], hardware), fits_remat=_fits(mem_remat["total_gb"], hardware),
+      step_s=step_s,
       train_h=steps * step_s / 3600, eval_h=eval_flops / rate / 3600, devices=devices)
+
+
+def _fits(total_gb, hardware: Hardware):
+  return None if total_gb is None else total_gb <= hardware.memory_gb
 
 
 def schedule(rows: list[dict], slots: int) -> float:
