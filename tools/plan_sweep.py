@@ -41,9 +41,11 @@ flags.DEFINE_integer("devices_per_member", 0, "Devices per member (0 = sweep.dev
                      "if the config has it, else all: one member at a time).")
 flags.DEFINE_float("compile_max_gflops", 1.5, "Compile members up to these forward Gflops.")
 flags.DEFINE_string("out", "", "Also write the markdown here.")
+flags.DEFINE_float("cpu_gflops", 0.0, "--hardware=cpu: the machine's fp32 matmul GFLOP/s (0 = "
+                   "measure it now with numpy, as experiments/ record beside every time).")
 FLAGS = flags.FLAGS
 
-COLUMNS = ["model", "attention", "params_m", "gflops", "steps", "train_pflop", "xla_train_pflop",
+COLUMNS = ["run", "attention", "params_m", "gflops", "steps", "train_pflop", "xla_train_pflop",
            "mem_gb", "mem_remat_gb", "xla_cpu_mem_gb", "xla_cpu_mem_remat_gb", "fits",
            "fits_remat", "step_s", "train_h", "eval_h"]
 
@@ -51,9 +53,10 @@ COLUMNS = ["model", "attention", "params_m", "gflops", "steps", "train_pflop", "
 def hardware(spec: str) -> cost.Hardware:
   if spec == "cpu":
     cores = os.cpu_count() or 1
-    rate = benchmarking.matmul_gflops()
+    rate = FLAGS.cpu_gflops or benchmarking.matmul_gflops()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    return cost.Hardware(f"cpu ({cores} cores, numpy fp32 matmul {rate:.0f} GFLOP/s)", cores,
+    how = "given" if FLAGS.cpu_gflops else "measured"
+    return cost.Hardware(f"cpu ({cores} cores, numpy fp32 matmul {rate:.0f} GFLOP/s, {how})", cores,
                          rate / cores / 1e3, ram / cores, backend_lib.Backend("cpu", "cpu"))
   acc, n = hardware_lib.parse(spec)
   back = backend_lib.Backend(acc.platform, acc.match, cuda=acc.platform == "gpu",
@@ -112,7 +115,7 @@ def plan(config, hw: cost.Hardware, k: int) -> list:
       c = xla[m.model]
       row.update(xla_cpu_mem_gb=c["xla_cpu_mem_gb"], xla_cpu_mem_remat_gb=c.get("xla_cpu_mem_remat_gb"),
                  xla_train_pflop=c["xla_train_flops_step"] * m.steps / 1e15)
-    rows.append(dict(row, run=m.run))
+    rows.append(dict(row, run=m.run, model=m.model))
   return rows
 
 
