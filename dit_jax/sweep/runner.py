@@ -34,6 +34,7 @@ from dit_jax.evaluation import evaluators
 from dit_jax.models import flops
 from dit_jax.sweep import devices
 from dit_jax.sweep import members as members_lib
+from dit_jax.sweep import progress as progress_lib
 from dit_jax.sweep import results
 from dit_jax.sweep import workers
 from dit_jax.training import distributed
@@ -173,6 +174,9 @@ def _train_all(configs, num_workers, workdir, todo, infos, extras, path, envs=No
   (started with `envs`: devices.pool): (the runs that failed, whether SIGTERM stopped the sweep)."""
   progress, failed, by_run = _Progress(todo, infos), [], {m.run: m for m in todo}
   run_dir = lambda run: workdir / members_lib.run_dir_name(run)
+  # the live line (a TTY, workers only: an in-process member shows its own progress bar)
+  live = progress_lib.Live(todo, run_dir, progress.cost,
+                           enabled=num_workers > 0 and jax.process_index() == 0)
 
   def finish(m: members_lib.Member, seconds: float, error: str | None) -> None:
     rows = []
@@ -187,6 +191,7 @@ def _train_all(configs, num_workers, workdir, todo, infos, extras, path, envs=No
       logging.error("sweep: %s failed: %s", m.run, error)
     if jax.process_index() == 0:
       files.append_jsonl(path, rows)
+    live.finished(m.run)
     progress.finished(m, seconds, rows if error is None else [])
 
   if num_workers > 0:
@@ -198,7 +203,9 @@ def _train_all(configs, num_workers, workdir, todo, infos, extras, path, envs=No
       if code != workers.PREEMPTED:
         finish(by_run[run], seconds,
                None if code == 0 else workers.last_error(run_dir(run), code))
-    return failed, not workers.run_pool(jobs, num_workers, on_done, envs=envs)
+    ok = workers.run_pool(jobs, num_workers, on_done, envs=envs, on_tick=live.poll)
+    live.close()
+    return failed, not ok
   for m in todo:
     t0 = time.perf_counter()
     try:

@@ -69,10 +69,11 @@ class _Worker:
 
 
 def run_pool(jobs: list, num_workers: int, on_done: Callable, poll_s: float = 0.2,
-             envs: list | None = None) -> bool:
+             envs: list | None = None, on_tick: Callable | None = None) -> bool:
   """Runs `jobs` [(key, member config dict, run_dir)] in that order on at most `num_workers`
   workers; `on_done(key, code, seconds)` after each (code 0: finished, PREEMPTED, or an error).
-  `envs[k]`: worker k's environment (devices.worker_envs; None: the parent's). Returns False if
+  `envs[k]`: worker k's environment (devices.worker_envs; None: the parent's); `on_tick(keys)`,
+  the running members' keys, every poll (progress.Live.poll). Returns False if
   SIGTERM stopped the pool (running members save their checkpoints)."""
   cores, queue, stop = _cores(), list(jobs), {"term": False}
   pool = [_Worker(cores[k % len(cores)], envs[k] if envs else None)
@@ -94,6 +95,8 @@ def run_pool(jobs: list, num_workers: int, on_done: Callable, poll_s: float = 0.
       busy = [w for w in pool if w.job is not None]
       if not busy:
         break
+      if on_tick is not None:
+        on_tick([w.job[0] for w in busy])
       ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], poll_s)
       for w in busy:
         if w.proc.stdout not in ready:
