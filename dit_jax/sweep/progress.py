@@ -19,6 +19,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from dit_jax.training import progress_bar
+
 
 def last_step(metrics_path, tail_bytes: int = 8192) -> int:
   """The last training step logged in a metrics.jsonl (0 if none yet): its last lines only."""
@@ -49,9 +51,9 @@ class Live:
     self.cost, self.run_dir, self.every_s = cost, run_dir, every_s
     self.partial, self.finished_runs, self.t0, self.last_poll = {}, set(), time.time(), 0.0
     self.stream = stream or sys.stderr
-    self.enabled = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
+    self.enabled = enabled and progress_bar.wanted(self.stream)
     self.bar = tqdm(total=sum(self.steps.values()), unit="step", file=self.stream,
-                    disable=not self.enabled, dynamic_ncols=True, desc="sweep",
+                    disable=not self.enabled, **progress_bar.terminal_size(), desc="sweep",
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} steps "
                                "[{elapsed}{postfix}]")
     self._refresh()
@@ -92,9 +94,12 @@ class Live:
       return
     self.bar.n = sum(self.steps[r] for r in self.finished_runs) + sum(self.partial.values())
     eta = self.eta_s()
-    self.bar.set_postfix_str(f"members {len(self.finished_runs)}/{len(self.steps)}, ETA "
-                             + ("?" if eta is None else f"{eta / 60:.0f} min"), refresh=False)
+    left = "?" if eta is None else f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.0f} min"
+    self.bar.set_postfix_str(f"members {len(self.finished_runs)}/{len(self.steps)}, ETA {left}",
+                             refresh=False)
     self.bar.refresh()
 
   def close(self) -> None:
+    self._refresh()  # the final count (the last member's line cleared the bar)
     self.bar.close()
+

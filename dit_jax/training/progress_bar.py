@@ -5,6 +5,7 @@ non-TTY (a sweep worker's train.log, CI) there is no bar.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 
 from clu import metric_writers
@@ -16,7 +17,7 @@ class ProgressWriter(metric_writers.MetricWriter):
 
   def __init__(self, total: int, start: int = 0, stream=None):
     self.bar = tqdm(total=total, initial=start, unit="step", file=stream or sys.stderr,
-                    dynamic_ncols=True, desc="train")
+                    **terminal_size(), desc="train")
 
   def write_scalars(self, step, scalars):
     if "loss" not in scalars:  # evaluation rows (fid, val_*) do not move the bar
@@ -62,3 +63,10 @@ def wanted(stream=None) -> bool:
   """A bar only on a terminal."""
   stream = stream or sys.stderr
   return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def terminal_size() -> dict:
+  """The terminal's size for tqdm, with a fallback where it reports 0 x 0 (a bare pty), which
+  tqdm would take as no room and hide the bar."""
+  cols, rows = shutil.get_terminal_size((100, 24))
+  return dict(ncols=cols, nrows=rows)
