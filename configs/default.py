@@ -28,7 +28,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.learn_sigma = True  # Learned variance (LEARNED_RANGE) with the hybrid MSE + VLB loss.
   config.dtype = "bfloat16"  # Compute dtype (activations, matmuls); params stay param_dtype.
   config.param_dtype = "float32"  # Params and optimizer state (fp32 master weights).
-  config.attention_impl = ""  # '': dit_jax.models.attention; 'xla'/'cudnn': jax.nn.dot_product_attention
+  # auto: by backend (attention.choose: cuDNN's fused attention on NVIDIA GPUs where it applies,
+  # XLA's on TPUs, dit_jax.models.attention's on the CPU); '': dit_jax.models.attention;
+  # 'xla'/'cudnn': jax.nn.dot_product_attention's.
+  config.attention_impl = "auto"
   config.scan_layers = True  # nn.scan over blocks: one compiled block, much faster compiles.
   config.remat = False  # Recompute block activations in the backward pass (saves memory).
 

@@ -51,6 +51,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sweep.budgets = ()  # Training compute budgets (Gflops): an iso-FLOP sweep (steps per model).
   config.sweep.max_steps = 2_000_000  # Refuse a budget that plans a member longer (5x the paper's).
   config.sweep.workers = 0  # Members trained at once, one process per core (0 = in this process).
+  # Accelerators per member: on a node with N GPUs (TPU chips) N // k members train at once, each
+  # worker seeing only its k devices (dit_jax/sweep/devices.py); 0 = off. Excludes sweep.workers.
+  config.sweep.devices_per_member = 0
 
   if arg == "paper":
     config.eval.fid.num_samples = 50_000  # FID-50K.

@@ -17,15 +17,18 @@ import dataclasses
 import re
 from typing import Any, Callable
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dit_jax.models import attention, dit, flops, text, unet
+from dit_jax.models import attention, backend as backend_lib, dense_dot, dit, flops, text, unet
 
 # The config's model fields and the value that means "not set" (the named size's, or off).
 MODEL_FIELDS = {"depth": 0, "hidden_size": 0, "num_heads": 0, "conditioning": "adaln_zero",
-                "attention_impl": "", "scan_layers": False, "remat": False}
+                "attention_impl": "auto", "scan_layers": False, "remat": False}
+# Values of a field a family without it accepts as unset ('' was attention_impl's before 'auto').
+NEUTRAL_ALIASES = {"attention_impl": ("", "auto")}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = tuple(i for i in attention.IMPLEMENTATIONS if i is not None)
 
@@ -151,13 +154,14 @@ def check_config(model_cfg) -> None:
     raise ValueError(f"unknown conditioning {model_cfg.conditioning!r}; choose from "
                      f"{dit.CONDITIONINGS}")
   if model_cfg.attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl {model_cfg.attention_impl!r}: use '' (dit_jax.models."
-                     f"attention, its own backward), or jax.nn.dot_product_attention's 'xla' or "
-                     f"'cudnn'")
+    raise ValueError(f"attention_impl {model_cfg.attention_impl!r}: use 'auto' (by backend), "
+                     f"'' (dit_jax.models.attention, its own backward), or "
+                     f"jax.nn.dot_product_attention's 'xla' or 'cudnn'")
   for field in ("dtype", "param_dtype"):
     dtype_of(model_cfg[field])
   for field, neutral in MODEL_FIELDS.items():
-    if field not in family.fields and model_cfg[field] != neutral:
+    if (field not in family.fields and model_cfg[field] != neutral
+        and model_cfg[field] not in NEUTRAL_ALIASES.get(field, ())):
       raise ValueError(f"{model_cfg.model}: the {family.name} family does not use {field} (set to "
                        f"{model_cfg[field]!r}); leave it at {neutral!r}")
   if text.enabled(model_cfg.text):
@@ -165,24 +169,46 @@ def check_config(model_cfg) -> None:
 
 
 def build(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
-          **fields) -> nn.Module:
+          backend: backend_lib.Backend | None = None, **fields) -> nn.Module:
   """A named model, e.g. build('DiT-XL/2') is the paper's model on 32x32x4 latents; `fields`
-  override the module's fields (conditioning=, learn_sigma=, model_channels=, ...). Validated."""
+  override the module's fields (conditioning=, learn_sigma=, model_channels=, ...). Validated.
+  attention_impl='auto' is resolved for `backend` (default: jax's, backend.current())."""
   family, size, patch = parse(name)
   model = family.build(size, patch, input_size=input_size, in_channels=in_channels,
                        num_classes=num_classes, **fields)
   model.validate()
-  return model
+  return resolve_attention(model, backend)
 
 
-def create(model_cfg, image_shape, num_classes: int, tokenizer: text.Tokenizer | None = None
-           ) -> nn.Module:
+def resolve_attention(model: nn.Module, backend: backend_lib.Backend | None = None) -> nn.Module:
+  """The model with attention_impl='auto' replaced by attention.choose's pick (logged)."""
+  if getattr(model, "attention_impl", None) != "auto":
+    return model
+  backend = backend or backend_lib.current()
+  impl, why = attention.choose("auto", backend, model.dtype, model.hidden_size // model.num_heads,
+                               masked=bool(model.context_dim))
+  logging.info("%s: attention_impl='auto' -> %r (%s)", name_of(model), impl, why)
+  return dataclasses.replace(model, attention_impl=impl or None)
+
+
+def implementations(model: nn.Module) -> dict:
+  """What the model computes with on this backend: its attention ('own' = dit_jax's) and the dense
+  layers' backward ('custom' = dense_dot's, 'jax' = JAX's transpose rule)."""
+  backbone = model.model if isinstance(model, text.TextConditioned) else model
+  impl = getattr(backbone, "attention_impl", None) or "own"
+  dense = "custom" if dense_dot.custom_backward_on(jax.default_backend()) else "jax"
+  return dict(attention_impl=impl, dense_backward=dense)
+
+
+def create(model_cfg, image_shape, num_classes: int, tokenizer: text.Tokenizer | None = None,
+           backend: backend_lib.Backend | None = None) -> nn.Module:
   """The model `model_cfg.model` names (model_cfg: `model_config(config)`), sized to the data
   (image_shape = (H, W, C)), validated.
 
   With text.enabled: a text.TextConditioned whose encoder has the tokenizer's vocabulary and caption
   length (the caption source's, or a workdir's tokenizer.json) around the backbone built with
-  num_classes=0 and context_dim=text.width.
+  num_classes=0 and context_dim=text.width. attention_impl='auto' is resolved for `backend`
+  (default: this process's, backend.current()).
   """
   check_config(model_cfg)
   h, w, c = image_shape
@@ -190,13 +216,14 @@ def create(model_cfg, image_shape, num_classes: int, tokenizer: text.Tokenizer |
     raise ValueError(f"{model_cfg.model} needs square inputs, the data gives {h}x{w}")
   family = parse(model_cfg.model)[0]
   if not text.enabled(model_cfg.text):
-    return build(model_cfg.model, input_size=h, in_channels=c,
+    return build(model_cfg.model, input_size=h, in_channels=c, backend=backend,
                  **_common_fields(model_cfg, num_classes), **family.config_fields(model_cfg))
   if tokenizer is None:
     raise ValueError("text.enabled: the caption encoder's vocabulary comes from the run's "
                      "tokenizer (captions.training_source, or the workdir's tokenizer.json)")
   t = model_cfg.text
   backbone = build(model_cfg.model, input_size=h, in_channels=c, context_dim=t.width,
+                   backend=backend,
                    **_common_fields(model_cfg, 0), **family.config_fields(model_cfg))
   encoder = text.TextEncoder(tokenizer.vocab_size, tokenizer.max_length, width=t.width,
                              depth=t.depth, num_heads=t.num_heads, dtype=dtype_of(model_cfg.dtype),
@@ -248,7 +275,10 @@ def init_params(model: nn.Module, rng) -> Any:
 
 
 def abstract_params(model: nn.Module) -> Any:
-  """Shapes of the params, without allocating them."""
+  """Shapes of the params, without allocating them (traced with dit_jax's attention, which has the
+  same params, so a model built for cuDNN counts on a machine without it)."""
+  if getattr(model, "attention_impl", None) == "cudnn":
+    model = dataclasses.replace(model, attention_impl=None)
   return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
 
 
@@ -276,8 +306,9 @@ def xla_gflops(model: nn.Module, context_length: int = 0) -> float:
 
 
 def describe(model: nn.Module, name: str) -> dict:
-  """The row fields a results table needs: family, size, patch, params, gflops, xla_gflops."""
+  """The row fields a results table needs: family, size, patch, params, gflops, xla_gflops, and
+  the implementations it computes with here (attention_impl, dense_backward)."""
   family, size, patch = parse(name)
   return dict(family=family.name, size=size, patch=patch,
               params=flops.count_params(abstract_params(model)), gflops=gflops(model),
-              xla_gflops=xla_gflops(model))
+              xla_gflops=xla_gflops(model), **implementations(model))

@@ -17,17 +17,56 @@ serves with transposing copies around every per-head product. On DiT-S/2's shape
 for jax's (experiments/xla_cpu_grads/repro_xla_cpu_grads.py, three runs;
 experiments/xla_cpu_grads/README.md, issue 16). Results agree to
 float32 rounding (tests/test_fast_grads.py).
+
+`implementation="auto"` (the config default) is resolved once per model by `choose`, from the
+backend (backend.Backend), the compute dtype and the attention's shapes: dit_jax's own on the CPU
+(above), jax's XLA attention on TPUs, cuDNN's fused attention on NVIDIA GPUs where its constraints
+hold (jax 0.10's `cudnn/fused_attention_stablehlo.py`: float16/bfloat16 inputs; head dim a multiple
+of 8 and at most 128, or 256 from Hopper (compute capability 9.0) on; a bias (our mask becomes one)
+of the full (T, S) shape, which the mask broadcast over queries is not), else XLA's with the reason
+logged. cuDNN's flash attention also needs an Ampere or newer GPU (compute capability 8.0).
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLEMENTATIONS = (None, "", "xla", "cudnn")
+IMPLEMENTATIONS = (None, "", "xla", "cudnn", "auto")
+CUDNN_DTYPES = ("float16", "bfloat16")
+
+
+def choose(implementation, backend, dtype, head_dim: int, masked: bool = False) -> tuple[str, str]:
+  """(the implementation to use: '' (dit_jax's own) | 'xla' | 'cudnn', why). Only 'auto' is
+  decided here; any other value is returned as given. `backend`: a backend.Backend; `dtype`: the
+  compute dtype; `masked`: whether a padding mask (B, 1, 1, S) is applied."""
+  if implementation != "auto":
+    return implementation or "", "configured"
+  if backend.platform == "cpu":
+    return "", "CPU: dit_jax's own backward (faster on XLA:CPU, experiments/xla_cpu_grads)"
+  if backend.platform != "gpu":
+    return "xla", f"{backend.platform}: jax's XLA attention"
+  fallback = None
+  h_max = 256 if backend.capability >= (9, 0) else 128
+  if not backend.cuda:
+    fallback = "not an NVIDIA GPU (cuDNN is CUDA only)"
+  elif backend.capability < (8, 0):
+    fallback = f"compute capability {backend.compute_capability} < 8.0 (cuDNN flash attention)"
+  elif jnp.dtype(dtype).name not in CUDNN_DTYPES:
+    fallback = f"compute dtype {jnp.dtype(dtype).name} (cuDNN needs float16 or bfloat16)"
+  elif head_dim % 8 or head_dim > h_max:
+    fallback = f"head dim {head_dim} (cuDNN needs a multiple of 8, <= {h_max})"
+  elif masked:
+    fallback = "a padding mask broadcast over queries (cuDNN needs a full (T, S) bias)"
+  if fallback:
+    return "xla", f"GPU, cuDNN fused attention not used: {fallback}"
+  return "cudnn", f"GPU ({backend.device_kind}): cuDNN fused attention"
 
 
 def dot_product_attention(q, k, v, mask=None, implementation=None):
   """Attention over (B, T, N, H) queries and (B, S, N, H) keys/values; mask broadcasts to (B, N, T, S)."""
+  if implementation == "auto":
+    raise ValueError("attention implementation 'auto' is resolved when the model is built "
+                     "(models.build); got it unresolved")
   if implementation:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   if mask is not None:

@@ -16,6 +16,10 @@ dw = x^T . dy over the input's free axes, which lands in the kernel's own layout
 tokens x 4D in, D out) JAX's own form is kept, so the copy is again of the smaller one. Only the
 summation order of dw can differ (float32 rounding, tests/test_fast_grads.py). Pass it to flax's Dense/DenseGeneral
 as `dot_general=`; products with batch dimensions fall back to `lax.dot_general`.
+
+The custom backward is a workaround for XLA:CPU, measured only there: on other backends (GPU, TPU)
+`custom_backward_on` turns it off and the product is `lax.dot_general` with JAX's own transpose
+rule, which XLA:GPU/TPU fuse. The decision reads the default backend at trace time.
 """
 import functools
 
@@ -24,11 +28,17 @@ import jax
 from jax import lax
 
 
+def custom_backward_on(platform: str) -> bool:
+  """Whether the kernel-layout backward is used on `platform` (jax's 'cpu' / 'gpu' / 'tpu')."""
+  return platform == "cpu"
+
+
 def dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general` with the kernel-layout backward above (same signature)."""
+  """`lax.dot_general` with the kernel-layout backward above (same signature) on the CPU."""
   (x_contract, w_contract), (x_batch, w_batch) = dimension_numbers
   n = len(w_contract)
-  if x_batch or w_batch or tuple(w_contract) != tuple(range(n)) or preferred_element_type:
+  if (not custom_backward_on(jax.default_backend()) or x_batch or w_batch
+      or tuple(w_contract) != tuple(range(n)) or preferred_element_type):
     return lax.dot_general(x, w, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
   x_contract = tuple(a % x.ndim for a in x_contract)

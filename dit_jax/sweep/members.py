@@ -15,6 +15,7 @@ import ml_collections
 from dit_jax import models
 from dit_jax import objectives
 from dit_jax.models import flops
+from dit_jax.sweep import devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,7 @@ def check_config(s, eval_cfg) -> None:
                      f"{tuple(s.budgets)})")
   for objective in s.objectives:
     objectives.family(objective, field="sweep.objectives")
+  devices.check_config(s)
   q, v = eval_cfg.fid, eval_cfg.val
   if not ((q.every_steps > 0 and q.num_samples > 0) or v.every_steps > 0):
     raise ValueError("a sweep records one row per evaluation: set eval.fid.every_steps and "

@@ -32,7 +32,9 @@ from dit_jax.data import captions
 from dit_jax.data import sources
 from dit_jax.evaluation import evaluators
 from dit_jax.models import flops
+from dit_jax.sweep import devices
 from dit_jax.sweep import members as members_lib
+from dit_jax.sweep import progress as progress_lib
 from dit_jax.sweep import results
 from dit_jax.sweep import workers
 from dit_jax.training import distributed
@@ -133,6 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
   """Trains every selected member that is not finished, then writes the report; returns the runs
   that failed."""
   workdir = pathlib.Path(workdir)
+  devices.prepare_parent(config.sweep)  # devices_per_member: leave the accelerators to workers
   # Before anything touches a device: preflight compiles cost analyses.
   distributed.maybe_initialize(config.distributed)
   members, configs, infos, source = preflight(config, workdir)
@@ -143,7 +146,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
       print(f"sweep: {len(members)} members, {len(todo)} to train ({len(members) - len(todo)} "
             f"finished) in {workdir}", flush=True)
       show_plan(todo, infos, config.batch_size)
-    if todo and config.sweep.workers > 0 and config.eval.fid.every_steps > 0 \
+    envs = devices.pool(config.sweep, jax.default_backend())  # devices_per_member (else None)
+    num_workers = len(envs) if envs else config.sweep.workers
+    if todo and num_workers > 0 and config.eval.fid.every_steps > 0 \
         and config.eval.fid.num_samples > 0:
       # The feature network and FID reference the members will load (training the dataset CNN
       # the first time), made here once, so that concurrent workers do not each make them.
@@ -152,8 +157,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
                                                sharding_lib.create_mesh(first.mesh_shape))
     extras = {m.run: dict(results.provenance(configs[m.run], source.kind), budget_gflops=m.budget)
               for m in todo}
-    failed, preempted = _train_all(configs, config.sweep.workers, workdir, todo, infos, extras,
-                                   path)
+    failed, preempted = _train_all(configs, num_workers, workdir, todo, infos, extras, path,
+                                   envs)
     if preempted:  # no report from half a sweep; the scheduler sees exit code 75 (errors.py)
       raise errors.Preempted(f"SIGTERM: the running members saved their checkpoints; re-run to "
                              f"resume the sweep in {workdir}")
@@ -164,11 +169,14 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
   return failed
 
 
-def _train_all(configs, num_workers, workdir, todo, infos, extras, path) -> tuple:
-  """Trains `todo` (each with its configs[run]) in this process or in `num_workers` workers:
-  (the runs that failed, whether SIGTERM stopped the sweep)."""
+def _train_all(configs, num_workers, workdir, todo, infos, extras, path, envs=None) -> tuple:
+  """Trains `todo` (each with its configs[run]) in this process or in `num_workers` workers
+  (started with `envs`: devices.pool): (the runs that failed, whether SIGTERM stopped the sweep)."""
   progress, failed, by_run = _Progress(todo, infos), [], {m.run: m for m in todo}
   run_dir = lambda run: workdir / members_lib.run_dir_name(run)
+  # the live line (a TTY, workers only: an in-process member shows its own progress bar)
+  live = progress_lib.Live(todo, run_dir, progress.cost,
+                           enabled=num_workers > 0 and jax.process_index() == 0)
 
   def finish(m: members_lib.Member, seconds: float, error: str | None) -> None:
     rows = []
@@ -183,6 +191,7 @@ def _train_all(configs, num_workers, workdir, todo, infos, extras, path) -> tupl
       logging.error("sweep: %s failed: %s", m.run, error)
     if jax.process_index() == 0:
       files.append_jsonl(path, rows)
+    live.finished(m.run)
     progress.finished(m, seconds, rows if error is None else [])
 
   if num_workers > 0:
@@ -194,7 +203,9 @@ def _train_all(configs, num_workers, workdir, todo, infos, extras, path) -> tupl
       if code != workers.PREEMPTED:
         finish(by_run[run], seconds,
                None if code == 0 else workers.last_error(run_dir(run), code))
-    return failed, not workers.run_pool(jobs, num_workers, on_done)
+    ok = workers.run_pool(jobs, num_workers, on_done, envs=envs, on_tick=live.poll)
+    live.close()
+    return failed, not ok
   for m in todo:
     t0 = time.perf_counter()
     try:

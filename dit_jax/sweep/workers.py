@@ -43,11 +43,13 @@ def _cores() -> list[int]:
 class _Worker:
   """A worker process on one core, and the member it is training."""
 
-  def __init__(self, core: int):
+  def __init__(self, core: int, env: dict | None = None):
     self.core, self.job, self.t0, self.termed = core, None, 0.0, False
+    self.env = env  # devices.worker_envs: the devices this worker sees (None: the parent's)
     self.proc = subprocess.Popen([sys.executable, "-m", "dit_jax.sweep.workers", str(core),
                                   str(os.getpid())],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                 env=env)
 
   def start(self, job) -> None:
     key, cfg, run_dir = job
@@ -66,12 +68,16 @@ class _Worker:
     self.proc.wait()
 
 
-def run_pool(jobs: list, num_workers: int, on_done: Callable, poll_s: float = 0.2) -> bool:
+def run_pool(jobs: list, num_workers: int, on_done: Callable, poll_s: float = 0.2,
+             envs: list | None = None, on_tick: Callable | None = None) -> bool:
   """Runs `jobs` [(key, member config dict, run_dir)] in that order on at most `num_workers`
   workers; `on_done(key, code, seconds)` after each (code 0: finished, PREEMPTED, or an error).
-  Returns False if SIGTERM stopped the pool (running members save their checkpoints)."""
+  `envs[k]`: worker k's environment (devices.worker_envs; None: the parent's); `on_tick(keys)`,
+  the running members' keys, every poll (progress.Live.poll). Returns False if
+  SIGTERM stopped the pool (running members save their checkpoints)."""
   cores, queue, stop = _cores(), list(jobs), {"term": False}
-  pool = [_Worker(cores[k % len(cores)]) for k in range(min(num_workers, len(jobs)))]
+  pool = [_Worker(cores[k % len(cores)], envs[k] if envs else None)
+          for k in range(min(num_workers, len(jobs)))]
   old = signal.signal(signal.SIGTERM, lambda *a: stop.update(term=True))
   try:
     while True:
@@ -84,11 +90,13 @@ def run_pool(jobs: list, num_workers: int, on_done: Callable, poll_s: float = 0.
       for k, w in enumerate(pool):
         if w.job is None and queue:
           if w.proc.poll() is not None:
-            w = pool[k] = _Worker(w.core)
+            w = pool[k] = _Worker(w.core, w.env)
           w.start(queue.pop(0))
       busy = [w for w in pool if w.job is not None]
       if not busy:
         break
+      if on_tick is not None:
+        on_tick([w.job[0] for w in busy])
       ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], poll_s)
       for w in busy:
         if w.proc.stdout not in ready:
@@ -158,7 +166,9 @@ def main(argv) -> int:
   die_with_parent(int(argv[2]))  # the parent may already be gone: then the watcher kills us
   # Before the first computation creates XLA's CPU client, whose thread pool is sized by the cores
   # this process may use.
-  os.sched_setaffinity(0, {core})
+  from dit_jax.sweep import devices  # pylint: disable=import-outside-toplevel
+  if devices.pins_core():  # CPU workers; accelerator workers (devices_per_member) share the cores
+    os.sched_setaffinity(0, {core})
   answer = os.fdopen(os.dup(1), "w", buffering=1)  # the pipe to the parent, and only answers
   os.dup2(2, 1)  # anything printed between members goes to stderr, not into the answers
   from dit_jax.training import compile_cache  # pylint: disable=import-outside-toplevel

@@ -27,6 +27,11 @@ NOT_FINGERPRINTED = ("workdir", "distributed", "async_checkpoints", "keep_checkp
 def fingerprinted(config_json: str) -> dict:
   """The result-changing fields of a config (its JSON), flattened to dotted names."""
   flat = traverse_util.flatten_dict(json.loads(config_json), sep=".")
+  # attention_impl='auto' hashes as '' (the default before 'auto'): on the CPU it computes exactly
+  # that, so fingerprints of CPU runs did not change; like the platform, the per-backend pick is
+  # not fingerprinted, and each results row records it (attention_impl, dense_backward).
+  if flat.get("attention_impl") == "auto":
+    flat["attention_impl"] = ""
   return {k: v for k, v in flat.items()
           if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
 

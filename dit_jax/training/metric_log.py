@@ -14,6 +14,7 @@ from clu import metric_writers
 
 from dit_jax import files
 from dit_jax import sharding as sharding_lib
+from dit_jax.training import progress_bar
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -57,12 +58,16 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._out.close()
 
 
-def create_writer(workdir) -> metric_writers.MetricWriter:
-  """TensorBoard + logging (process 0 only) and metrics.jsonl in the workdir."""
+def create_writer(workdir, total_steps: int = 0, start: int = 0) -> metric_writers.MetricWriter:
+  """TensorBoard + logging (process 0 only) and metrics.jsonl in the workdir; on a terminal, a
+  progress bar over `total_steps` (progress_bar.py)."""
   default = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() > 0:
     return default
-  return metric_writers.MultiWriter([default, JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl")])
+  writers = [default, JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl")]
+  if total_steps and progress_bar.wanted():
+    writers.append(progress_bar.ProgressWriter(total_steps, start))
+  return metric_writers.MultiWriter(writers)
 
 
 def finite_mean(values) -> float:

@@ -235,7 +235,7 @@ def unfinished(run: Run, evaluators, step: int) -> list:
 
 def _start_logging(run: Run, state, start: int, compile_s: float):
   """The writer and the log window; the run's size and compile time go in first."""
-  writer = metric_log.create_writer(run.workdir)
+  writer = metric_log.create_writer(run.workdir, run.schedule.num_train_steps, start)
   if start == 0:
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams(run.hparams)
