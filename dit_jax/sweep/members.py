@@ -3,7 +3,9 @@ at equal steps or, with `sweep.budgets`, at equal training compute; and each mem
 config, made from the sweep config.
 
 A member is one training run in `<workdir>/<run>/`, named
-`<model>[-<objective>][-b<budget>]-s<seed>`.
+`<model>[-<objective>][-b<budget>][-<parameterization>][-lr<lr>]-s<seed>`: `sweep.parameterizations`
+and `sweep.lrs` (both empty by default: the config's own) cross the grid with parameterisations
+(sp, mup) and learning rates, for learning-rate transfer (configs/dit_sweep.py:mup_transfer).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ class Member:
   seed: int
   steps: int
   budget: float | None = None
+  parameterization: str = ""  # '' = the config's
+  lr: float | None = None  # None = the config's optim.lr
 
 
 def model_names(sweep: ml_collections.ConfigDict) -> list[str]:
@@ -63,11 +67,22 @@ def plan(sweep, num_train_steps: int, batch_size: int, gflops: dict) -> list[Mem
       if (budget, model) not in steps:
         continue  # the budget buys this model less than one step
       for objective in sweep.objectives:
-        for seed in sweep.seeds:
-          run = model + ("" if objective == "ddpm" else f"-{objective}")
-          run += ("" if budget is None else f"-b{budget:g}") + f"-s{seed}"
-          out.append(Member(run, model, objective, int(seed), steps[(budget, model)], budget))
+        for param, lr in _settings(sweep):
+          for seed in sweep.seeds:
+            run = model + ("" if objective == "ddpm" else f"-{objective}")
+            run += "" if budget is None else f"-b{budget:g}"
+            run += (f"-{param}" if param else "") + ("" if lr is None else f"-lr{lr:g}")
+            out.append(Member(run + f"-s{seed}", model, objective, int(seed),
+                              steps[(budget, model)], budget, param, lr))
   return out
+
+
+def _settings(sweep) -> list:
+  """(parameterization, lr) pairs of sweep.parameterizations x sweep.lrs ('' / None: the
+  config's)."""
+  params = tuple(sweep.get("parameterizations", ())) or ("",)
+  lrs = tuple(float(x) for x in sweep.get("lrs", ())) or (None,)
+  return [(p, lr) for p in params for lr in lrs]
 
 
 def select(members: list[Member], member: str) -> list[Member]:
@@ -97,6 +112,10 @@ def member_config(config: ml_collections.ConfigDict, m: Member) -> ml_collection
   cfg.model, cfg.seed, cfg.diffusion.objective = m.model, m.seed, m.objective
   cfg.num_train_steps = m.steps
   cfg.learn_sigma = objectives.family(m.objective).learns_sigma(config.learn_sigma)
+  if m.parameterization:
+    cfg.parameterization = m.parameterization
+  if m.lr is not None:
+    cfg.optim.lr = m.lr
   if m.budget is not None:  # iso-FLOP members are evaluated once, at the end
     for ev in ("grid", "fid", "val"):
       if cfg.eval[ev].every_steps:
@@ -120,6 +139,11 @@ def check_config(s, eval_cfg) -> None:
                      f"{tuple(s.budgets)})")
   for objective in s.objectives:
     objectives.family(objective, field="sweep.objectives")
+  for p in s.get("parameterizations", ()):
+    if p not in ("sp", "mup"):
+      raise ValueError(f"sweep.parameterizations: unknown parameterization {p!r}; use 'sp' or 'mup'")
+  if any(not float(lr) > 0 for lr in s.get("lrs", ())):
+    raise ValueError(f"sweep.lrs={tuple(s.lrs)}: learning rates must be positive")
   q, v = eval_cfg.fid, eval_cfg.val
   if not ((q.every_steps > 0 and q.num_samples > 0) or v.every_steps > 0):
     raise ValueError("a sweep records one row per evaluation: set eval.fid.every_steps and "

@@ -27,6 +27,10 @@ NOT_FINGERPRINTED = ("workdir", "distributed", "async_checkpoints", "keep_checkp
 def fingerprinted(config_json: str) -> dict:
   """The result-changing fields of a config (its JSON), flattened to dotted names."""
   flat = traverse_util.flatten_dict(json.loads(config_json), sep=".")
+  if flat.get("parameterization", "sp") == "sp":
+    # SP (the default, and every run made before μP existed): the mup block changes no number,
+    # and leaving both out keeps the fingerprints of earlier runs and committed rows valid.
+    flat = {k: v for k, v in flat.items() if k != "parameterization" and not k.startswith("mup.")}
   return {k: v for k, v in flat.items()
           if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
 
