@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import ml_collections
 
@@ -75,6 +76,14 @@ def plan(sweep, num_train_steps: int, batch_size: int, gflops: dict) -> list[Mem
             out.append(Member(run + f"-s{seed}", model, objective, int(seed),
                               steps[(budget, model)], budget, param, lr))
   return out
+
+
+def setting(run: str) -> str:
+  """The parameterisation and learning rate a run's name carries ('mup lr 0.002'; '' when the
+  sweep set neither): the report keeps such runs apart, as it does objectives."""
+  param = re.search(r"-(sp|mup)-(?:lr|s\d+$)", run)
+  lr = re.search(r"-lr([^-]+(?:-\d+)?)-s\d+$", run)
+  return " ".join(([param.group(1)] if param else []) + ([f"lr {lr.group(1)}"] if lr else []))
 
 
 def _settings(sweep) -> list:
