@@ -128,11 +128,12 @@ def _get(tree, path):
 
 
 def test_output_rule_is_mureadout():
-  """microsoft/mup's MuReadout (y = x W / m, Adam lr) and this module's form (y = x W', Adam lr / m),
+  """microsoft/mup's MuReadout (y = x W / m, Adam lr) and models/mup.py's (y = x W', Adam lr / m),
   both from zero: the same outputs after several steps (up to Adam's eps, set negligible here)."""
   m, lr = 4.0, 1e-2
   rng = np.random.default_rng(0)
-  x, target = rng.normal(size=(16, 32)).astype(np.float32), rng.normal(size=(16, 3)).astype(np.float32)
+  x = rng.normal(size=(16, 32)).astype(np.float32)
+  target = rng.normal(size=(16, 3)).astype(np.float32)
   def train(forward, scale):
     w, tx = jnp.zeros((32, 3)), optax.adam(lr * scale, eps=1e-20)
     state = tx.init(w)
@@ -186,8 +187,8 @@ def test_mup_refuses_text_conditioning():
 
 def test_sweep_crosses_parameterizations_and_lrs():
   s = ml_collections.ConfigDict(dict(sizes=("Mu1",), patches=(4,), extra_models=(), seeds=(0,),
-                                     objectives=("ddpm",), budgets=(), workers=0, parameterizations=("sp", "mup"),
-                                     lrs=(1e-3, 2e-3)))
+                                     objectives=("ddpm",), budgets=(), workers=0,
+                                     parameterizations=("sp", "mup"), lrs=(1e-3, 2e-3)))
   plan = members.plan(s, 10, 4, {"DiT-Mu1/4": 1.0})
   assert [m.run for m in plan] == ["DiT-Mu1/4-sp-lr0.001-s0", "DiT-Mu1/4-sp-lr0.002-s0",
                                    "DiT-Mu1/4-mup-lr0.001-s0", "DiT-Mu1/4-mup-lr0.002-s0"]
@@ -202,13 +203,15 @@ def test_sweep_crosses_parameterizations_and_lrs():
 def test_coordinate_check_slopes():
   """Widths 64 and 256 (heads of 64), 3 AdamW steps at lr 1e-3 (adaLN-Zero's gates are zero at
   step 0, so the attention and MLP weights first move at step 2: 3 steps give them two updates):
-  the log-log slope of each layer type's RMS change from initialisation against width. Theory (Tensor Programs V): under SP an
-  Adam step moves every weight by ~lr whatever the width, and a layer sums n such coherent moves,
-  so the output layer's change grows ~ width^1 and the attention logits' at least as fast; under
-  μP every change is width-independent (slope 0). Thresholds halfway, with margin: SP > +0.5 for
-  the output and attention logits; μP |slope| < 0.3 for the output, and no type's change grows
-  faster than width^0.3. (With adaLN-Zero the attention's changes shrink with width over the first
-  steps, see experiments/mup/README.md, so only the upper bound is asserted for every type.)"""
+  the log-log slope of each layer type's RMS change from initialisation against width.
+
+  Theory (Tensor Programs V): under SP an Adam step moves every weight by ~lr whatever the width
+  and a layer sums n such coherent moves, so the output layer's change grows ~ width^1 and the
+  attention logits' at least as fast; under μP every change is width-independent (slope 0).
+  Thresholds halfway, with margin: SP > +0.5 for the output and attention logits; μP |slope| < 0.3
+  for the output, and no type's change grows faster than width^0.3. (With adaLN-Zero the
+  attention's changes shrink with width over the first steps, experiments/mup/README.md, so for
+  the other types only the upper bound is asserted.)"""
   tool = load_tool("coord_check")
   widths = [64, 256]
   results = tool.ladder(widths, ("sp", "mup"), head=64, base=64, depth=1, steps=3, lr=1e-3,

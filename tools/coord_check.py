@@ -37,6 +37,9 @@ _DEPTH = flags.DEFINE_integer("depth", 2, "Blocks.")
 _STEPS = flags.DEFINE_integer("steps", 4, "Training steps.")
 _LR = flags.DEFINE_float("lr", 1e-3, "optim.lr (no warm-up).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
+_EPS = flags.DEFINE_float("eps", 1e-8, "optim.eps (Adam's epsilon).")
+_VARIANTS = flags.DEFINE_list("variants", ["sp", "mup", "mup_hidden_adaln"], "Which to train.")
+_NAME = flags.DEFINE_string("name", "coord_check", "File name stem of the outputs.")
 _OUT = flags.DEFINE_string("out", "experiments/mup", "Folder for coord_check.png / .md.")
 
 VARIANTS = ("sp", "mup", "mup_hidden_adaln")
@@ -77,7 +80,7 @@ def _intermediates(model, params, probe) -> dict:
     parts = path.split("/")
     if len(parts) < 2:  # the model's own output
       continue
-    while isinstance(value, tuple):  # flax keeps each call's output in a tuple; a block's is (x, None)
+    while isinstance(value, tuple):  # each call's output in a tuple; a block's output is (x, None)
       value = value[0]
     if parts[-2] == "x_embedder":
       out["patch_embed (input)"].append(value)
@@ -100,11 +103,11 @@ def _rms(xs) -> float:
 
 
 def measure(width: int, variant: str, *, head: int, base: int, depth: int, steps: int, lr: float,
-            batch: int, seed: int = 0) -> list[dict]:
+            batch: int, seed: int = 0, eps: float = 1e-8) -> list[dict]:
   """Per step 0..steps: {type: (RMS of the output, RMS of its change from step 0)} for one model."""
   model = _model(width, variant, head, base, depth)
   mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-  optim = type("Optim", (), dict(lr=lr, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+  optim = type("Optim", (), dict(lr=lr, weight_decay=0.0, b1=0.9, b2=0.999, eps=eps,
                                  warmup_steps=0, grad_clip=0.0))
   tx = train_step.create_optimizer(optim, models.lr_scales(model))
   state, _ = train_step.create_train_state(model, tx, mesh, seed)
@@ -123,7 +126,8 @@ def measure(width: int, variant: str, *, head: int, base: int, depth: int, steps
     rows.append({t: (_rms(now[t]), _rms([a - b for a, b in zip(now[t], first[t])]))
                  for t in TYPES})
     if s < steps:
-      state, _ = step(state, {"image": image(), "label": rng.integers(0, 10, batch).astype(np.int32)})
+      labels = rng.integers(0, 10, batch).astype(np.int32)
+      state, _ = step(state, {"image": image(), "label": labels})
   return rows
 
 
@@ -183,16 +187,19 @@ def main(argv):
   del argv
   widths = [int(w) for w in _WIDTHS.value]
   kw = dict(head=_HEAD.value, base=_BASE.value, depth=_DEPTH.value, steps=_STEPS.value,
-            lr=_LR.value, batch=_BATCH.value)
-  results = ladder(widths, **kw)
+            lr=_LR.value, batch=_BATCH.value, eps=_EPS.value)
+  results = ladder(widths, tuple(_VARIANTS.value), **kw)
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  plot(results, widths, out / "coord_check.png")
+  plot(results, widths, out / f"{_NAME.value}.png")
   text = table(results, widths, _STEPS.value)
-  (out / "coord_check.md").write_text(
-      f"`python tools/coord_check.py --out={_OUT.value}` (widths {widths}, head size {kw['head']}, "
-      f"base width {kw['base']}, depth {kw['depth']}, lr {kw['lr']}, batch {kw['batch']}, "
-      f"{kw['steps']} steps)\n\n" + text)
+  show = lambda v: ",".join(v) if isinstance(v, list) else v
+  argv = " ".join(f"--{f}={show(flags.FLAGS[f].value)}" for f in ("out", "name", "eps", "variants")
+                  if flags.FLAGS[f].present)
+  (out / f"{_NAME.value}.md").write_text(
+      f"`python tools/coord_check.py {argv}` (widths {widths}, head size {kw['head']}, "
+      f"base width {kw['base']}, depth {kw['depth']}, lr {kw['lr']}, Adam eps {kw['eps']}, batch "
+      f"{kw['batch']}, {kw['steps']} steps)\n\n" + text)
   print(text)
 
 

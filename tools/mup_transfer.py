@@ -7,7 +7,7 @@ and optim.lr) and applies the rules written before the run (experiments/mup/READ
 optimum of a (parameterisation, width) is the learning rate of the lowest seed-mean val_loss (a
 non-finite or failed run counts as +inf); its uncertainty is the spread of the per-seed argmins and
 the vertex of a parabola in log2(lr) through the minimum and its two neighbours (interior minima
-only). Writes transfer.png (loss against lr, one curve per width; SP and μP panels) and transfer.md.
+only). Writes <name>.png (loss against lr, one curve per width; SP and μP panels) and <name>.md.
 """
 from __future__ import annotations
 

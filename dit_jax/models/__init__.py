@@ -25,7 +25,8 @@ from dit_jax.models import attention, dit, flops, mup, text, unet
 
 # The config's model fields and the value that means "not set" (the named size's, or off).
 MODEL_FIELDS = {"depth": 0, "hidden_size": 0, "num_heads": 0, "conditioning": "adaln_zero",
-                "attention_impl": "", "scan_layers": False, "remat": False, "parameterization": "sp"}
+                "attention_impl": "", "scan_layers": False, "remat": False,
+                "parameterization": "sp"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = tuple(i for i in attention.IMPLEMENTATIONS if i is not None)
 

@@ -150,7 +150,8 @@ def check_config(s, eval_cfg) -> None:
     objectives.family(objective, field="sweep.objectives")
   for p in s.get("parameterizations", ()):
     if p not in ("sp", "mup"):
-      raise ValueError(f"sweep.parameterizations: unknown parameterization {p!r}; use 'sp' or 'mup'")
+      raise ValueError(f"sweep.parameterizations: unknown parameterization {p!r}; use 'sp' or "
+                       f"'mup'")
   if any(not float(lr) > 0 for lr in s.get("lrs", ())):
     raise ValueError(f"sweep.lrs={tuple(s.lrs)}: learning rates must be positive")
   q, v = eval_cfg.fid, eval_cfg.val
