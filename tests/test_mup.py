@@ -221,3 +221,15 @@ def test_coordinate_check_slopes():
     assert slopes["sp"][t] > 0.5, (t, slopes["sp"])
   assert abs(slopes["mup"]["output (final linear)"]) < 0.3, slopes["mup"]
   assert max(slopes["mup"].values()) < 0.3, slopes["mup"]
+
+
+def test_a_mup_run_trains_checkpoints_and_loads(tmp_path):
+  """The trainer's μP path: width 64 on base 32 (m = 2); the checkpointed state (with μP's
+  optimizer state) restores through train.load_trained, and its EMA params are the trained ones."""
+  from dit_jax.training import train  # pylint: disable=import-outside-toplevel
+  config = _mup_config(num_train_steps=2, checkpoint_every_steps=2)
+  state = train.train_and_evaluate(config, tmp_path)
+  trained = train.load_trained(tmp_path)
+  assert trained.model.mup_base_width == 32 and trained.step == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(trained.params),
+               jax.device_get(state.ema_params))
