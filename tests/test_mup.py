@@ -233,3 +233,21 @@ def test_a_mup_run_trains_checkpoints_and_loads(tmp_path):
   assert trained.model.mup_base_width == 32 and trained.step == 2
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(trained.params),
                jax.device_get(state.ema_params))
+
+
+def test_mup_init_and_step_are_the_same_sharded():
+  """μP's init (rescaled inside the sharded init's jit) and its lr factors give the same state on
+  a (2 data, 2 fsdp, 2 tensor) mesh as on one device."""
+  from dit_jax import sharding  # pylint: disable=import-outside-toplevel
+  from dit_jax.objectives import diffusion as diffusion_lib  # pylint: disable=import-outside-toplevel
+  from tests.helpers import tiny_batch, tiny_model  # pylint: disable=import-outside-toplevel
+  model = tiny_model(mup_base_width=32, num_heads=2)  # width 64, head size 32: m = 2
+  tx = train_step.create_optimizer(tiny_optim(), models.lr_scales(model))
+  out = []
+  for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), None)):
+    mesh = sharding.create_mesh(shape, devices)
+    state, shardings = train_step.create_train_state(model, tx, mesh, seed=0)
+    step = train_step.jit_train_step(model, diffusion_lib.create(), tx, mesh, shardings, 0.9)
+    state, _ = step(state, jax.device_put(tiny_batch(), train_step.batch_shardings(mesh)))
+    out.append(jax.device_get(state.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *out)
