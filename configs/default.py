@@ -34,6 +34,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.attention_impl = "auto"
   config.scan_layers = True  # nn.scan over blocks: one compiled block, much faster compiles.
   config.remat = False  # Recompute block activations in the backward pass (saves memory).
+  # sp: the paper's standard parameterisation. mup: μP (dit_jax/models/mup.py): per-parameter init
+  # and Adam lr scaled by width / mup.base_width, so one optim.lr transfers across widths; width
+  # grows through heads at a fixed head size. DiT only.
+  config.parameterization = "sp"
+  config.mup = ml_collections.ConfigDict()
+  config.mup.base_width = 0  # The width at which μP equals SP (a multiple of the head size).
 
   # Diffusion.
   config.diffusion = ml_collections.ConfigDict()

@@ -13,7 +13,8 @@ validation loss; experiments/cpu_isoflop), 'flow_vs_ddpm' (the default grid trai
 objectives), 'paper' (the DiT paper's 12 models on ImageNet-256 latents, batch 256, 400K steps,
 FID-50K with 250 DDPM steps and no guidance; `sweep.seeds` and `sweep.budgets` for pods), 'mnist'
 and 'cifar10' (tfds, or local files via --config.data.path), 'folder' (a class-folder dataset at
---config.data.path).
+--config.data.path), 'mup_transfer' (learning rate x width on the digits under SP and μP: does
+the best learning rate move with width? experiments/mup).
 """
 import importlib.util
 import pathlib
@@ -32,7 +33,8 @@ def _sibling(name: str):
 
 default = _sibling("default")
 
-PRESETS = ("", "cpu", "cpu1", "isoflop", "flow_vs_ddpm", "paper", "mnist", "cifar10", "folder")
+PRESETS = ("", "cpu", "cpu1", "isoflop", "flow_vs_ddpm", "paper", "mnist", "cifar10", "folder",
+           "mup_transfer")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -49,11 +51,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sweep.seeds = (0,)  # Training seeds: every model is trained once per seed.
   config.sweep.objectives = ("ddpm",)  # ddpm and/or flow (diffusion.objective) for every model.
   config.sweep.budgets = ()  # Training compute budgets (Gflops): an iso-FLOP sweep (steps per model).
-  config.sweep.max_steps = 2_000_000  # Refuse a budget that plans a member longer (5x the paper's).
+  config.sweep.max_steps = 2_000_000  # Refuse a budget planning a member longer (5x the paper's).
   config.sweep.workers = 0  # Members trained at once, one process per core (0 = in this process).
   # Accelerators per member: on a node with N GPUs (TPU chips) N // k members train at once, each
   # worker seeing only its k devices (dit_jax/sweep/devices.py); 0 = off. Excludes sweep.workers.
   config.sweep.devices_per_member = 0
+  config.sweep.parameterizations = ()  # Cross the grid with 'sp'/'mup' (() = config's own).
+  config.sweep.lrs = ()  # Cross the grid with these optim.lr values (() = config.optim.lr).
 
   if arg == "paper":
     config.eval.fid.num_samples = 50_000  # FID-50K.
@@ -107,6 +111,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.eval.fid.every_steps = 0
     config.eval.grid.every_steps = 0
     config.checkpoint_every_steps = 1000
+  if arg == "mup_transfer":
+    # The μP ladder (dit.SIZES Mu1-Mu4: depth 2, widths 64-256 through 1-4 heads of 64) at patch
+    # 4, six learning rates a factor 2 apart, 2 seeds, SP and μP (base width 64 = Mu1, where both
+    # are the same model): 96 members, the validation loss after 300 steps. Rules fixed before the
+    # run, results and verdict: experiments/mup/README.md (31 min with 2 workers on the 2-core
+    # machine shared with two other jobs, 197 GFLOP/s numpy fp32 matmul).
+    config.sweep.sizes = ("Mu1", "Mu2", "Mu3", "Mu4")
+    config.sweep.patches = (4,)
+    config.sweep.extra_models = ()
+    config.sweep.seeds = (0, 1)
+    config.sweep.parameterizations = ("sp", "mup")
+    config.sweep.lrs = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
+    config.sweep.workers = 2
+    config.parameterization = "mup"  # the preflight checks the μP fields of every model
+    config.mup.base_width = 64
+    config.num_train_steps = 300
+    config.checkpoint_every_steps = 0
+    config.eval.fid.every_steps = 0
+    config.eval.grid.every_steps = 0
+    config.eval.val.every_steps = 300
   if arg in ("mnist", "cifar10", "folder"):
     config.data.name = arg
     config.data.image_size = 32  # MNIST's 28 px are resized to 32 so patches 8/4/2 tile it.

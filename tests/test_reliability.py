@@ -4,7 +4,6 @@ truncated cache file or a full disk costs nothing already written; a run can be 
 import concurrent.futures
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -187,7 +186,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(tmp_pat
   assert full.returncode == errors.EXIT_USER_ERROR, full.stderr[-3000:]
   assert "Traceback" not in full.stderr
   last = full.stderr.strip().splitlines()[-1]
-  assert f"no space left for" in last and f"{work / 'checkpoints'}" in last and "0.0 MiB free" in last
+  assert "no space left for" in last and f"{work / 'checkpoints'}" in last and "0.0 MiB free" in last
   again = subprocess.run(main_cmd(work, *flags), cwd=REPO, env=subprocess_env(1),
                          capture_output=True, text=True)
   assert again.returncode == 0, again.stderr[-3000:]

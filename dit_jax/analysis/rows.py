@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from dit_jax import models
+from dit_jax.sweep import members
 
 METRICS = ("fid", "val_loss")
 SECTION_FIELDS = ("fid_metric", "fid_num_samples", "fid_reference_fingerprint")
@@ -163,5 +164,8 @@ def organise(rows):
   for run, rs in by_run.items():
     ok = _checked_run(run, rs, problems)
     if ok is not None:
-      sections[tuple(ok[-1].get(f) for f in SECTION_FIELDS)][ok[-1]["objective"]].append(ok)
+      # A sweep over parameterisations or learning rates (sweep.parameterizations, sweep.lrs): each
+      # setting is its own group, as each objective is.
+      group = " · ".join(filter(None, (ok[-1]["objective"], members.setting(run))))
+      sections[tuple(ok[-1].get(f) for f in SECTION_FIELDS)][group].append(ok)
   return {key: _members(key, groups) for key, groups in sections.items()}, problems

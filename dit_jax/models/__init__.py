@@ -22,11 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dit_jax.models import attention, backend as backend_lib, dense_dot, dit, flops, text, unet
+from dit_jax.models import attention, backend as backend_lib, dense_dot, dit, flops, mup, text, unet
 
 # The config's model fields and the value that means "not set" (the named size's, or off).
 MODEL_FIELDS = {"depth": 0, "hidden_size": 0, "num_heads": 0, "conditioning": "adaln_zero",
-                "attention_impl": "auto", "scan_layers": False, "remat": False}
+                "attention_impl": "auto", "scan_layers": False, "remat": False,
+                "parameterization": "sp"}
 # Values of a field a family without it accepts as unset ('' was attention_impl's before 'auto').
 NEUTRAL_ALIASES = {"attention_impl": ("", "auto")}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -49,8 +50,11 @@ def model_config(config):
   """The model's sub-config: the root config's model fields (MODEL_CONFIG_FIELDS) and its `text`
   block. The training config keeps these at its top level (its fingerprints and command lines
   name them there); this is the one place that gathers them, and every function below reads it."""
-  fields = {k: config[k] for k in MODEL_CONFIG_FIELDS}
+  fields = {k: config[k] for k in MODEL_CONFIG_FIELDS if k != "parameterization"}
+  # Configs saved before μP existed have neither field: they are SP.
+  fields["parameterization"] = config.get("parameterization", "sp")
   fields["text"] = config.text.to_dict() if "text" in config else dict(enabled=False)
+  fields["mup"] = config.mup.to_dict() if "mup" in config else dict(base_width=0)
   # The root's own class (an ml_collections.ConfigDict), so this module needs no ml_collections:
   # the GPU benchmark imports the registry on a machine without it.
   return type(config)(fields)
@@ -65,8 +69,10 @@ def _common_fields(model_cfg, num_classes: int) -> dict:
 def _dit_config_fields(model_cfg) -> dict:
   # Width/depth/heads overrides (0 = the named size's) give the off-table shapes of sweeps.
   fields = {k: model_cfg[k] for k in ("depth", "hidden_size", "num_heads") if model_cfg[k]}
+  mup_base = model_cfg.mup.base_width if model_cfg.parameterization == "mup" else 0
   return dict(fields, conditioning=model_cfg.conditioning, scan_layers=model_cfg.scan_layers,
-              attention_impl=model_cfg.attention_impl or None, remat=model_cfg.remat)
+              attention_impl=model_cfg.attention_impl or None, remat=model_cfg.remat,
+              mup_base_width=mup_base)
 
 
 def _build_dit(size: str, patch: int, **fields) -> dit.DiT:
@@ -146,7 +152,7 @@ def paper_models() -> tuple:
 
 def check_config(model_cfg) -> None:
   """The model fields (`model_config(config)`); needs no data or devices."""
-  family, _, _ = parse(model_cfg.model)
+  family, size, _ = parse(model_cfg.model)
   for field in ("depth", "hidden_size", "num_heads"):
     if model_cfg[field] < 0:
       raise ValueError(f"{field}={model_cfg[field]}: must be >= 0 (0 = the named size's)")
@@ -166,6 +172,23 @@ def check_config(model_cfg) -> None:
                        f"{model_cfg[field]!r}); leave it at {neutral!r}")
   if text.enabled(model_cfg.text):
     family.context_check(model_cfg)
+  _check_mup(model_cfg, family, size)
+
+
+def _check_mup(model_cfg, family: Family, size: str) -> None:
+  """parameterization and mup.base_width (a U-Net is refused above: it leaves
+  parameterization at 'sp')."""
+  if model_cfg.parameterization not in mup.PARAMETERIZATIONS:
+    raise ValueError(f"unknown parameterization {model_cfg.parameterization!r}; choose from "
+                     f"{mup.PARAMETERIZATIONS}")
+  if model_cfg.parameterization != "mup":
+    return
+  if text.enabled(model_cfg.text):
+    raise ValueError("parameterization='mup' with text.enabled: the caption encoder's width is "
+                     "not the backbone's, so μP does not cover it; use parameterization='sp'")
+  row = family.sizes[size]
+  d = model_cfg.hidden_size or row.hidden_size
+  mup.check("mup", model_cfg.mup.base_width, d, model_cfg.num_heads or row.num_heads)
 
 
 def build(name: str, *, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
@@ -268,10 +291,29 @@ def reads_labels(model: nn.Module) -> bool:
 
 
 def init_params(model: nn.Module, rng) -> Any:
-  """Initialised (boxed, logically partitioned) params."""
+  """Initialised (boxed, logically partitioned) params; a μP model's rescaled (models/mup.py)
+  against the SP draw of its base-width model with the same key."""
   if isinstance(model, text.TextConditioned):
     return text.init_text_params(model, rng)
-  return family_of(model).init(model, rng)
+  params = family_of(model).init(model, rng)
+  if getattr(model, "mup_base_width", 0):
+    base = family_of(model).init(mup_base_model(model), rng)
+    params = mup.reinit(params, base, mup.width_mult(model.hidden_size, model.mup_base_width))
+  return params
+
+
+def mup_base_model(model: nn.Module) -> nn.Module:
+  """The μP model's base: the same DiT at mup_base_width, with heads at the same head size."""
+  heads = model.mup_base_width // mup.head_size(model.hidden_size, model.num_heads)
+  return model.clone(parent=None, hidden_size=model.mup_base_width, num_heads=heads)
+
+
+def lr_scales(model: nn.Module) -> dict | None:
+  """{param path: factor on its Adam step} of a μP model (models/mup.py); None under SP."""
+  if not getattr(model, "mup_base_width", 0):
+    return None
+  return mup.lr_scales(jax.eval_shape(lambda: init_params(model, jax.random.key(0))),
+                       mup.width_mult(model.hidden_size, model.mup_base_width))
 
 
 def abstract_params(model: nn.Module) -> Any:

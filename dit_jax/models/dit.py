@@ -36,6 +36,12 @@ SIZES = {
     "B": Size(12, 768, 12),
     "L": Size(24, 1024, 16),
     "XL": Size(28, 1152, 16),
+    # The μP width ladder (configs/dit_sweep.py:mup_transfer): depth 2, head width 64, width grown
+    # through the heads (1-4), as μP's fixed-head-size rule wants (models/mup.py).
+    "Mu1": Size(2, 64, 1),
+    "Mu2": Size(2, 128, 2),
+    "Mu3": Size(2, 192, 3),
+    "Mu4": Size(2, 256, 4),
 }
 def xavier(names, zero: bool = False, **axes):
   """Xavier-uniform (or zeros) with logical axis names; fans as torch's flattened Linear weight."""
@@ -187,6 +193,9 @@ class DiT(nn.Module):
   attention_impl: Optional[str] = None  # None: dit_jax.models.attention; "xla"/"cudnn": jax.nn's
   scan_layers: bool = False
   remat: bool = False
+  # > 0: μP with this base width (models/mup.py: the init and Adam lr of each parameter; the
+  # forward pass is the same). 0: the standard parameterisation.
+  mup_base_width: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 

@@ -3,12 +3,15 @@ at equal steps or, with `sweep.budgets`, at equal training compute; and each mem
 config, made from the sweep config.
 
 A member is one training run in `<workdir>/<run>/`, named
-`<model>[-<objective>][-b<budget>]-s<seed>`.
+`<model>[-<objective>][-b<budget>][-<parameterization>][-lr<lr>]-s<seed>`: `sweep.parameterizations`
+and `sweep.lrs` (both empty by default: the config's own) cross the grid with parameterisations
+(sp, mup) and learning rates, for learning-rate transfer (configs/dit_sweep.py:mup_transfer).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import ml_collections
 
@@ -16,6 +19,10 @@ from dit_jax import models
 from dit_jax import objectives
 from dit_jax.models import flops
 from dit_jax.sweep import devices
+
+
+# The most steps an iso-FLOP budget may plan for one member (sweep.max_steps): 5x the paper's 400K.
+MAX_STEPS = 2_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +34,8 @@ class Member:
   seed: int
   steps: int
   budget: float | None = None
+  parameterization: str = ""  # '' = the config's
+  lr: float | None = None  # None = the config's optim.lr
 
 
 def model_names(sweep: ml_collections.ConfigDict) -> list[str]:
@@ -56,11 +65,12 @@ def _check_budgets(sweep, budget_plan: list, gflops: dict, batch_size: int) -> N
       cheapest = min(flops.training_gflops(g, batch_size) for g in gflops.values())
       raise ValueError(f"sweep.budgets: {float(budget):g} Gflops buys no model a single training "
                        f"step (the cheapest step costs {cheapest:.4g} Gflops at batch {batch_size})")
-  too_long = [p for p in budget_plan if p["steps"] > sweep.max_steps]
+  limit = sweep.get("max_steps", MAX_STEPS)
+  too_long = [p for p in budget_plan if p["steps"] > limit]
   if too_long:
     p = max(too_long, key=lambda p: p["steps"])
     raise ValueError(f"sweep.budgets: {p['budget']:g} Gflops plans {p['model']} at {p['steps']:,} "
-                     f"steps, more than sweep.max_steps={sweep.max_steps:,}; lower the budget or "
+                     f"steps, more than sweep.max_steps={limit:,}; lower the budget or "
                      "raise sweep.max_steps")
 
 
@@ -81,11 +91,30 @@ def plan(sweep, num_train_steps: int, batch_size: int, gflops: dict) -> list[Mem
       if (budget, model) not in steps:
         continue  # the budget buys this model less than one step
       for objective in sweep.objectives:
-        for seed in sweep.seeds:
-          run = model + ("" if objective == "ddpm" else f"-{objective}")
-          run += ("" if budget is None else f"-b{budget:g}") + f"-s{seed}"
-          out.append(Member(run, model, objective, int(seed), steps[(budget, model)], budget))
+        for param, lr in _settings(sweep):
+          for seed in sweep.seeds:
+            run = model + ("" if objective == "ddpm" else f"-{objective}")
+            run += "" if budget is None else f"-b{budget:g}"
+            run += (f"-{param}" if param else "") + ("" if lr is None else f"-lr{lr:g}")
+            out.append(Member(run + f"-s{seed}", model, objective, int(seed),
+                              steps[(budget, model)], budget, param, lr))
   return out
+
+
+def setting(run: str) -> str:
+  """The parameterisation and learning rate a run's name carries ('mup lr 0.002'; '' when the
+  sweep set neither): the report keeps such runs apart, as it does objectives."""
+  param = re.search(r"-(sp|mup)-(?:lr|s\d+$)", run)
+  lr = re.search(r"-lr([^-]+(?:-\d+)?)-s\d+$", run)
+  return " ".join(([param.group(1)] if param else []) + ([f"lr {lr.group(1)}"] if lr else []))
+
+
+def _settings(sweep) -> list:
+  """(parameterization, lr) pairs of sweep.parameterizations x sweep.lrs ('' / None: the
+  config's)."""
+  params = tuple(sweep.get("parameterizations", ())) or ("",)
+  lrs = tuple(float(x) for x in sweep.get("lrs", ())) or (None,)
+  return [(p, lr) for p in params for lr in lrs]
 
 
 def select(members: list[Member], member: str) -> list[Member]:
@@ -115,6 +144,10 @@ def member_config(config: ml_collections.ConfigDict, m: Member) -> ml_collection
   cfg.model, cfg.seed, cfg.diffusion.objective = m.model, m.seed, m.objective
   cfg.num_train_steps = m.steps
   cfg.learn_sigma = objectives.family(m.objective).learns_sigma(config.learn_sigma)
+  if m.parameterization:
+    cfg.parameterization = m.parameterization
+  if m.lr is not None:
+    cfg.optim.lr = m.lr
   if m.budget is not None:  # iso-FLOP members are evaluated once, at the end
     for ev in ("grid", "fid", "val"):
       if cfg.eval[ev].every_steps:
@@ -125,13 +158,14 @@ def member_config(config: ml_collections.ConfigDict, m: Member) -> ml_collection
 # What each tuple of the sweep block holds, and an example of its flag's value.
 TUPLE_FIELDS = {"sizes": ((str,), "('S','B')"), "patches": ((int,), "(8,4,2)"),
                 "extra_models": ((str,), "('UNet-B',)"), "seeds": ((int,), "(0,1,2)"),
-                "objectives": ((str,), "('ddpm',)"), "budgets": ((int, float), "(300,900)")}
+                "objectives": ((str,), "('ddpm',)"), "budgets": ((int, float), "(300,900)"),
+                "parameterizations": ((str,), "('sp','mup')"), "lrs": ((int, float), "(1e-3,2e-3)")}
 
 
 def _check_types(s) -> None:
   """The sweep's tuples hold what they name (a flag like `sweep.patches=abc` parses as a string)."""
   for field, (types, example) in TUPLE_FIELDS.items():
-    value = s[field]
+    value = s.get(field, ())
     if not isinstance(value, (tuple, list)):
       raise ValueError(f"sweep.{field}={value!r}: expected a tuple, e.g. {example}")
     bad = [v for v in value if isinstance(v, bool) or not isinstance(v, types)]
@@ -139,8 +173,9 @@ def _check_types(s) -> None:
       what = {int: "an integer", str: "a name"}.get(types[0]) if len(types) == 1 else "a number"
       raise ValueError(f"sweep.{field}={tuple(value)!r}: {bad[0]!r} is not {what}; e.g. "
                        f"{example}")
-  if isinstance(s.max_steps, bool) or not isinstance(s.max_steps, int) or s.max_steps < 1:
-    raise ValueError(f"sweep.max_steps={s.max_steps!r}: a positive number of steps")
+  limit = s.get("max_steps", MAX_STEPS)
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    raise ValueError(f"sweep.max_steps={limit!r}: a positive number of steps")
 
 
 def check_config(s, eval_cfg) -> None:
@@ -161,6 +196,12 @@ def check_config(s, eval_cfg) -> None:
   for objective in s.objectives:
     objectives.family(objective, field="sweep.objectives")
   devices.check_config(s)
+  for p in s.get("parameterizations", ()):
+    if p not in ("sp", "mup"):
+      raise ValueError(f"sweep.parameterizations: unknown parameterization {p!r}; use 'sp' or "
+                       f"'mup'")
+  if any(not float(lr) > 0 for lr in s.get("lrs", ())):
+    raise ValueError(f"sweep.lrs={tuple(s.lrs)}: learning rates must be positive")
   q, v = eval_cfg.fid, eval_cfg.val
   if not ((q.every_steps > 0 and q.num_samples > 0) or v.every_steps > 0):
     raise ValueError("a sweep records one row per evaluation: set eval.fid.every_steps and "

@@ -15,6 +15,7 @@ there with the same config fingerprint, resumes an interrupted one, and refuses 
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import time
 import traceback
@@ -55,6 +56,9 @@ def preflight(config, workdir: pathlib.Path):
       cfg = members_lib.member_config(config, probe)
       config_check.check(cfg)
       model = config_check.check_with_data(cfg, source)
+      for p in config.sweep.get("parameterizations", ()):  # e.g. a mup base width per model
+        config_check.check(members_lib.member_config(config, dataclasses.replace(
+            probe, parameterization=p)))
     # family, size, patch, params, gflops (paper convention), xla_gflops (a compile) of the model
     # on the data, counted once, with the last objective's model
     infos[name] = dict(model=name, **models.describe(model, name))

@@ -32,6 +32,10 @@ def fingerprinted(config_json: str) -> dict:
   # not fingerprinted, and each results row records it (attention_impl, dense_backward).
   if flat.get("attention_impl") == "auto":
     flat["attention_impl"] = ""
+  if flat.get("parameterization", "sp") == "sp":
+    # SP (the default, and every run made before μP existed): the mup block changes no number,
+    # and leaving both out keeps the fingerprints of earlier runs and committed rows valid.
+    flat = {k: v for k, v in flat.items() if k != "parameterization" and not k.startswith("mup.")}
   return {k: v for k, v in flat.items()
           if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
 

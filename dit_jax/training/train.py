@@ -118,7 +118,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
       raise
     if captions.tokenizer_of(source) is not None:  # sampling a text run needs its vocabulary
       captions.save_tokenizer(workdir, captions.tokenizer_of(source))
-  tx = step_lib.create_optimizer(config.optim)
+  tx = step_lib.create_optimizer(config.optim, models.lr_scales(model))
   rules = tuple(tuple(r) for r in config.logical_axis_rules) if config.logical_axis_rules else \
       sharding_lib.DEFAULT_RULES
   abstract_state, shardings = step_lib.state_shardings(model, tx, mesh, rules)
@@ -354,8 +354,8 @@ def load_trained(workdir, step: int | None = None) -> Trained:
     model = models.create(models.model_config(config), tuple(data_state["image_shape"]),
                           data_state["num_classes"], tokenizer=tokenizer)
     mesh = sharding_lib.create_mesh((-1, 1, 1))
-    abstract, shardings = step_lib.state_shardings(model, step_lib.create_optimizer(config.optim),
-                                                   mesh)
+    tx = step_lib.create_optimizer(config.optim, models.lr_scales(model))
+    abstract, shardings = step_lib.state_shardings(model, tx, mesh)
     state, _ = ckpt.restore(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
   finally:
     ckpt.close()

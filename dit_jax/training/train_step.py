@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 
 from dit_jax import models
 from dit_jax import sharding as sharding_lib
+from dit_jax.models import mup
 
 
 @flax.struct.dataclass
@@ -56,10 +57,19 @@ def learning_rate_schedule(optim) -> optax.Schedule:
   return optax.constant_schedule(optim.lr)
 
 
-def create_optimizer(optim) -> optax.GradientTransformation:
-  """AdamW (torch's defaults b1 0.9, b2 0.999, eps 1e-8), optional global-norm clipping."""
-  tx = optax.adamw(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                   weight_decay=optim.weight_decay)
+def create_optimizer(optim, lr_scales: Optional[dict] = None) -> optax.GradientTransformation:
+  """AdamW (torch's defaults b1 0.9, b2 0.999, eps 1e-8), optional global-norm clipping.
+
+  lr_scales ({param path: factor}, `models.lr_scales(model)`: μP's per-parameter lr) multiplies
+  each parameter's Adam direction before the decoupled weight decay and the schedule: optax's
+  adamw chain with one transform inserted (`MuAdamW`'s lr / m with weight_decay x m)."""
+  if lr_scales is None:
+    tx = optax.adamw(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                     weight_decay=optim.weight_decay)
+  else:
+    tx = optax.chain(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+                     mup.scale_updates(lr_scales), optax.add_decayed_weights(optim.weight_decay),
+                     optax.scale_by_learning_rate(learning_rate_schedule(optim)))
   if optim.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
   return tx
