@@ -67,7 +67,7 @@ class Live:
 
   def eta_s(self) -> float | None:
     frac = self.done_fraction()
-    return None if frac <= 0 else (time.time() - self.t0) * (1 - frac) / frac
+    return None if frac <= 0 else max(0.0, (time.time() - self.t0) * (1 - frac) / frac)
 
   def poll(self, running: list, force: bool = False) -> None:
     """Reads the running members' last logged steps (at most every `every_s` seconds)."""
