@@ -94,6 +94,19 @@ def subprocess_env(devices=2):
   return env
 
 
+def pids_with(*args: bytes) -> list[int]:
+  """The processes whose command lines hold every one of `args` (whole arguments), not this one."""
+  pids = []
+  for d in pathlib.Path("/proc").iterdir():
+    try:
+      cmd = (d / "cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+      continue
+    if d.name.isdigit() and int(d.name) != os.getpid() and all(a in cmd for a in args):
+      pids.append(int(d.name))
+  return pids
+
+
 def main_cmd(workdir, *flags):
   return [sys.executable, "-m", "dit_jax.main", f"--workdir={workdir}", *TINY_FLAGS, *flags]
 

@@ -3,7 +3,6 @@ naming the field or file; a killed sweep takes its workers with it; a torn metri
 truncated cache file or a full disk costs nothing already written; a run can be extended."""
 import concurrent.futures
 import os
-import pathlib
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from dit_jax import errors
 from dit_jax import files
 from dit_jax.evaluation import fid
 from dit_jax.training import fingerprint
-from tests.helpers import REPO, main_cmd, subprocess_env, tiny_config
+from tests.helpers import REPO, main_cmd, pids_with, subprocess_env, tiny_config
 
 SWEEP = ["-m", "dit_jax.main", "--config=configs/dit_sweep.py", "--config.data.image_size=8",
          "--config.data.max_examples=64"]
@@ -81,18 +80,6 @@ def test_last_override_wins_in_check_argv():
                                            "(0,1,2)", "--config.seed=4"]
 
 
-def _procs_with(marker: bytes) -> list[int]:
-  pids = []
-  for d in pathlib.Path("/proc").iterdir():
-    try:
-      cmd = (d / "cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-      continue
-    if d.name.isdigit() and marker in cmd:
-      pids.append(int(d.name))
-  return pids
-
-
 TINY_SWEEP = SWEEP + [
     "--config.sweep.sizes=('Pico',)", "--config.sweep.patches=(8,)", "--config.sweep.extra_models=()",
     "--config.sweep.seeds=(0,1)", "--config.sweep.workers=2", "--config.data.max_examples=256",
@@ -114,14 +101,14 @@ def test_kill_9_of_the_sweep_parent_kills_its_workers_and_a_rerun_finishes(tmp_p
   while not any((work / f"DiT-Pico_8-s{s}" / "metrics.jsonl").exists() for s in (0, 1)):
     assert parent.poll() is None and time.time() - t0 < 300, "the sweep never started training"
     time.sleep(0.1)
-  workers = _procs_with(mine)
+  workers = pids_with(mine)
   assert workers, "no worker process found"
   parent.kill()
   parent.wait()
   t0 = time.time()
-  while _procs_with(mine) and time.time() - t0 < 10:
+  while pids_with(mine) and time.time() - t0 < 10:
     time.sleep(0.1)
-  assert not _procs_with(mine), "workers outlived their sweep parent"
+  assert not pids_with(mine), "workers outlived their sweep parent"
   out = _cli(TINY_SWEEP, work)  # at once: no member is "in use by pid N"
   assert out.returncode == 0, out.stderr[-3000:]
   rows = files.read_jsonl(work / "results.jsonl")

@@ -10,21 +10,13 @@ import pytest
 
 from dit_jax import files
 from dit_jax.sweep import workers
-from tests.helpers import tiny_config
+from tests.helpers import pids_with, tiny_config
 
 
 def _worker_pids():
-  pids = []
-  for d in pathlib.Path("/proc").iterdir():
-    try:
-      cmd = (d / "cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-      continue
-    # this test process's workers only (their last argument is their parent's pid), never those
-    # of a sweep running beside the tests
-    if b"dit_jax.sweep.workers" in cmd and d.name.isdigit() and str(os.getpid()).encode() in cmd:
-      pids.append(int(d.name))
-  return pids
+  # this test process's workers only (their last argument is their parent's pid), never those
+  # of a sweep running beside the tests
+  return pids_with(b"dit_jax.sweep.workers", str(os.getpid()).encode())
 
 
 def _kill_when_training(run_dir: pathlib.Path, timeout_s=300):

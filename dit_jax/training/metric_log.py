@@ -14,24 +14,11 @@ from clu import metric_writers
 
 from dit_jax import files
 from dit_jax import sharding as sharding_lib
-from dit_jax.training import progress_bar
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-  """A clu MetricWriter that appends one JSON object per scalar write to a file (through
-  files.JsonlAppender: a torn last line left by a kill is cut before the first append)."""
-
-  def __init__(self, path):
-    self._out = files.JsonlAppender(path)
-
-  def write_scalars(self, step, scalars):
-    self._out.write({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
-
-  def write_texts(self, step, texts):
-    self._out.write({"step": int(step), **texts})
-
-  def write_hparams(self, hparams):
-    self._out.write({"hparams": {k: str(v) for k, v in hparams.items()}})
+class ScalarWriter(metric_writers.MetricWriter):
+  """A clu MetricWriter of scalars (and texts, hparams) only: summaries, images, videos, audio,
+  histograms and point clouds are ignored (TensorBoard, the default writer, has them)."""
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -51,6 +38,23 @@ class JsonlWriter(metric_writers.MetricWriter):
   def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
     pass
 
+
+class JsonlWriter(ScalarWriter):
+  """A clu MetricWriter that appends one JSON object per scalar write to a file (through
+  files.JsonlAppender: a torn last line left by a kill is cut before the first append)."""
+
+  def __init__(self, path):
+    self._out = files.JsonlAppender(path)
+
+  def write_scalars(self, step, scalars):
+    self._out.write({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+
+  def write_texts(self, step, texts):
+    self._out.write({"step": int(step), **texts})
+
+  def write_hparams(self, hparams):
+    self._out.write({"hparams": {k: str(v) for k, v in hparams.items()}})
+
   def flush(self):
     pass  # every write is flushed
 
@@ -65,6 +69,7 @@ def create_writer(workdir, total_steps: int = 0, start: int = 0) -> metric_write
   if jax.process_index() > 0:
     return default
   writers = [default, JsonlWriter(pathlib.Path(workdir) / "metrics.jsonl")]
+  from dit_jax.training import progress_bar  # pylint: disable=import-outside-toplevel (a cycle)
   if total_steps and progress_bar.wanted():
     writers.append(progress_bar.ProgressWriter(total_steps, start))
   return metric_writers.MultiWriter(writers)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import shutil
 import sys
 
-from clu import metric_writers
 from tqdm.auto import tqdm
 
+from dit_jax.training import metric_log
 
-class ProgressWriter(metric_writers.MetricWriter):
+
+class ProgressWriter(metric_log.ScalarWriter):
   """tqdm bar over `total` steps, from `start` (a resumed run), on `stream` (default stderr)."""
 
   def __init__(self, total: int, start: int = 0, stream=None):
@@ -32,24 +33,6 @@ class ProgressWriter(metric_writers.MetricWriter):
     pass
 
   def write_hparams(self, hparams):
-    pass
-
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
-  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
     pass
 
   def flush(self):
