@@ -22,7 +22,10 @@ def run_tool(*args):
 def test_model_table_json():
   rows = json.loads(run_tool("tools/model_table.py", "--json", "--models", "DiT-S/8,DiT-XL/2"))
   assert [r["model"] for r in rows] == ["DiT-S/8", "DiT-XL/2"]
-  assert set(rows[0]) == {"model", "family", "size", "patch", "params", "gflops", "xla_gflops"}
+  assert set(rows[0]) == {"model", "family", "size", "patch", "params", "gflops", "xla_gflops",
+                          "attention_impl", "dense_backward"}
+  # what attention_impl='auto' picks on this CPU: dit_jax's attention and dense_dot's backward
+  assert (rows[0]["attention_impl"], rows[0]["dense_backward"]) == ("own", "custom")
   assert (rows[0]["family"], rows[0]["size"], rows[0]["patch"]) == ("DiT", "S", 8)
   assert rows[1]["params"] == 674_834_720 and abs(rows[1]["gflops"] - 118.64) < 0.05
 
