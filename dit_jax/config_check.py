@@ -19,9 +19,11 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import pathlib
+import sys
 
 from flax import traverse_util
 
+from dit_jax import errors
 from dit_jax import models
 from dit_jax import objectives
 from dit_jax import sharding as sharding_lib
@@ -80,6 +82,15 @@ def _last_overrides(argv) -> list:
       continue
     out.append(a)
   return out
+
+
+def checked_argv(prog: str) -> None:
+  """sys.argv[1:] through check_argv before flag parsing; a bad override is one line naming it,
+  exit code 2 (errors.py)."""
+  try:
+    sys.argv[1:] = check_argv(sys.argv[1:])
+  except ValueError as e:
+    errors.exit_user_error(prog, e)
 
 
 def check_argv(argv) -> list:

@@ -21,6 +21,7 @@ import errno
 import os
 import pathlib
 import shutil
+import sys
 
 EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -77,6 +78,13 @@ def one_line(e: BaseException) -> str:
       f"{e.strerror or e}: {e.filename}"
   text = " ".join(text.split())
   return text if isinstance(e, (ValueError, DiskFull)) else f"{type(e).__name__}: {text}"
+
+
+def exit_user_error(prog: str, e: BaseException, hint: str = ""):
+  """Prints `prog: error: <one line>` to stderr and exits with EXIT_USER_ERROR: how the entry
+  point and the tools end on a user error."""
+  print(f"{prog}: error: {one_line(e)}{hint}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
 
 
 def root_cause(e: BaseException) -> BaseException:

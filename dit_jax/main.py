@@ -74,15 +74,10 @@ def main(argv):
       raise
     if FLAGS.verbose:
       traceback.print_exc()
-    hint = "" if FLAGS.verbose else " (--verbose for the traceback)"
-    print(f"dit_jax.main: error: {errors.one_line(cause)}{hint}", file=sys.stderr, flush=True)
-    sys.exit(errors.EXIT_USER_ERROR)
+    errors.exit_user_error("dit_jax.main", cause,
+                           "" if FLAGS.verbose else " (--verbose for the traceback)")
 
 
 if __name__ == "__main__":
-  try:
-    sys.argv[1:] = config_check.check_argv(sys.argv[1:])
-  except ValueError as e:
-    print(f"dit_jax.main: error: {e}", file=sys.stderr)
-    sys.exit(errors.EXIT_USER_ERROR)
+  config_check.checked_argv("dit_jax.main")
   app.run(main)

@@ -10,7 +10,6 @@ A DDPM run takes --sampler ddpm (default) or ddim and --steps as a respacing ('2
 flow run takes euler, heun or euler_maruyama (default: the run's flow.sampler) and --steps as a
 number of integration steps. Latent models need --vae_path (a diffusers SD-VAE folder) to decode.
 """
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +60,7 @@ def main(argv):
   try:
     sample()
   except errors.USER_ERRORS as e:  # one line, as dit_jax.main's (errors.py); exit code 2
-    print(f"sample.py: error: {errors.one_line(e)}", file=sys.stderr)
-    sys.exit(errors.EXIT_USER_ERROR)
+    errors.exit_user_error("sample.py", e)
 
 
 def _labels(num_classes: int) -> np.ndarray:

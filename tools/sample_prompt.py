@@ -12,7 +12,6 @@ tokenizer (workdir/tokenizer.json): a word the captions never had is an error, n
 One grid row per prompt, --num samples each; DDIM (--sampler, --steps) with classifier-free guidance
 (--cfg_scale) against the empty caption.
 """
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -98,16 +97,11 @@ def main(argv):
                        steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed,
                        step=FLAGS.step, vae_path=FLAGS.vae_path)
   except errors.USER_ERRORS as e:  # one line, as dit_jax.main's (errors.py); exit code 2
-    print(f"sample_prompt: error: {errors.one_line(e)}", file=sys.stderr)
-    sys.exit(errors.EXIT_USER_ERROR)
+    errors.exit_user_error("sample_prompt", e)
   images.save_grid(x, FLAGS.out, ncol=FLAGS.num)
   print(f"wrote {FLAGS.out}: {len(FLAGS.prompt)} prompt(s) x {FLAGS.num} samples")
 
 
 if __name__ == "__main__":
-  try:  # the --config.FIELD overrides, as dit_jax.main checks them
-    sys.argv[1:] = config_check.check_argv(sys.argv[1:])
-  except ValueError as e:
-    print(f"sample_prompt: error: {e}", file=sys.stderr)
-    sys.exit(errors.EXIT_USER_ERROR)
+  config_check.checked_argv("sample_prompt")  # the --config.FIELD overrides, as dit_jax.main's
   app.run(main)

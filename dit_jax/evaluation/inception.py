@@ -334,12 +334,11 @@ def load_params(weights=None, cache_dir=None, download: bool = True) -> dict:
     raise FileNotFoundError(f"Inception weights {path} do not exist. Get {FID_WEIGHTS_URL} and pass "
                             f"its path.")
   npz = path if path.suffix == ".npz" else path.with_suffix(".flax.npz")
-  def read(p):
-    with np.load(p) as f:
-      return traverse_util.unflatten_dict(dict(f), sep="/")
+  unflatten = lambda f: traverse_util.unflatten_dict(dict(f), sep="/")
   if npz == path:  # the user's converted weights: an unreadable file is their error
-    return files.read_npz(path, lambda f: traverse_util.unflatten_dict(dict(f), sep="/"))
-  cached = files.read_cache(npz, read)  # a truncated conversion is made again from the .pth
+    return files.read_npz(path, unflatten)
+  # a truncated conversion is made again from the .pth
+  cached = files.read_cache(npz, lambda p: files.read_npz(p, unflatten))
   if cached is not None:
     return cached
   try:

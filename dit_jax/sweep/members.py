@@ -18,6 +18,7 @@ import ml_collections
 from dit_jax import models
 from dit_jax import objectives
 from dit_jax.models import flops
+from dit_jax.models import mup
 from dit_jax.sweep import devices
 
 
@@ -197,9 +198,9 @@ def check_config(s, eval_cfg) -> None:
     objectives.family(objective, field="sweep.objectives")
   devices.check_config(s)
   for p in s.get("parameterizations", ()):
-    if p not in ("sp", "mup"):
-      raise ValueError(f"sweep.parameterizations: unknown parameterization {p!r}; use 'sp' or "
-                       f"'mup'")
+    if p not in mup.PARAMETERIZATIONS:
+      raise ValueError(f"sweep.parameterizations: unknown parameterization {p!r}; use one of "
+                       f"{mup.PARAMETERIZATIONS}")
   if any(not float(lr) > 0 for lr in s.get("lrs", ())):
     raise ValueError(f"sweep.lrs={tuple(s.lrs)}: learning rates must be positive")
   q, v = eval_cfg.fid, eval_cfg.val
