@@ -88,6 +88,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optim.b2 = 0.999  # Adam beta2 (torch default).
   config.optim.eps = 1e-8  # Adam epsilon (torch default).
   config.optim.warmup_steps = 0  # Linear warm-up from 0 over this many steps (0 = none).
+  # After the warm-up: constant (the paper's) | cosine (to 0 at num_train_steps) | cooldown
+  # (constant, then linear to 0 over the last cooldown_fraction of num_train_steps).
+  config.optim.schedule = "constant"
+  config.optim.cooldown_fraction = 0.2  # The cool-down's share of the run (schedule cooldown).
   config.optim.grad_clip = 0.0  # Clip gradients to this global norm (0 = off).
   config.ema_decay = 0.9999  # EMA of the params; evaluation and sampling use the EMA.
   config.max_nonfinite_streak = 10  # Stop after this many consecutive skipped (NaN/inf) updates.

@@ -6,10 +6,11 @@
       --config.eval.fid.reference=/gcs/VIRTUAL_imagenet256_labeled.npz   # pods: launch_tpu_pod.sh
   python -m dit_jax.main --config=configs/dit_sweep.py:mnist --config.sweep.member=3   # one member
 
-Presets: '' / 'cpu' (the default: scikit-learn digits at 16x16, offline, 3 seeds per member, two
-members at a time, one per core; experiments/cpu_sweep), 'cpu1' (the same with one seed, one
-member at a time: the single-seed baseline), 'isoflop' (3 compute budgets x 4 DiTs on the digits,
-validation loss; experiments/cpu_isoflop), 'flow_vs_ddpm' (the default grid trained with both
+Presets: '' / 'cpu' (the default: scikit-learn digits at 16x16, offline, DiT-Femto/Pico/Nano x
+patch 8/4/2 and UNet-Pico, 3 seeds per member, two members at a time, one per core, post-hoc EMA,
+FID/KID/FID∞ at the end; experiments/cpu_sweep), 'cpu1' (the same with one seed, one member at a
+time: the single-seed baseline), 'isoflop' (6 widths at patch 4 x 4 compute budgets x 2 seeds on
+the digits, cosine schedule, validation loss; experiments/cpu_isoflop), 'flow_vs_ddpm' (the default grid trained with both
 objectives), 'paper' (the DiT paper's 12 models on ImageNet-256 latents, batch 256, 400K steps,
 FID-50K with 250 DDPM steps and no guidance; `sweep.seeds` and `sweep.budgets` for pods), 'mnist'
 and 'cifar10' (tfds, or local files via --config.data.path), 'folder' (a class-folder dataset at
@@ -58,6 +59,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sweep.devices_per_member = 0
   config.sweep.parameterizations = ()  # Cross the grid with 'sp'/'mup' (() = config's own).
   config.sweep.lrs = ()  # Cross the grid with these optim.lr values (() = config.optim.lr).
+  # The report's fit rules (analysis.laws.Rules), fixed before the run: laws use the seed-mean
+  # points at step >= min_fraction x the run's final step and >= min_step (1.0: final points only,
+  # no warm-up or early-transient point), and the prediction check fits only the DiTs whose final
+  # compute is <= 1/compute_ratio of the held-out DiT's (the largest).
+  config.sweep.fit = ml_collections.ConfigDict(dict(min_fraction=1.0, min_step=0,
+                                                    compute_ratio=4.0))
 
   if arg == "paper":
     config.eval.fid.num_samples = 50_000  # FID-50K.
@@ -68,27 +75,32 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return config
 
   # CPU-sized presets: small models, equal-step training, the dataset CNN as feature network.
-  # One seed of this grid took 8.5-14 min on 2 idle cores; at 500 steps every member is still
-  # undertrained and FID does not yet order by Gflops (Spearman -0.43 measured), from 1000 steps on
-  # it does. The 3-seed default took 30 min 43 s on the idle machine, 2.10x the single-seed cpu1's
-  # 14 min 39 s the same day (experiments/cpu_sweep/README.md).
-  config.sweep.sizes = ("Pico", "Nano")
+  # The default's history (one seed 8.5-14 min, three seeds 27-33 min on 2 cores; at 500 steps FID
+  # does not yet order by Gflops) is in experiments/cpu_sweep/README.md. Three widths per patch
+  # (Femto, Pico, Nano: 64, 96, 128 at depth 4) so that the prediction check of DiT-Nano/2 has six
+  # DiTs at <= 1/4 of its compute to fit (sweep.fit.compute_ratio).
+  config.sweep.sizes = ("Femto", "Pico", "Nano")
   config.sweep.extra_models = ("UNet-Pico",)
   config.batch_size = 32
   config.num_train_steps = 1000
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
-  config.eval.grid.every_steps = 500
+  # EDM2's post-hoc EMA: two tracked power-function EMAs, snapshots, and after training the
+  # profile of lowest validation loss among config.ema.candidates (reconstructed) is evaluated.
+  config.ema.sigma_rels = (0.05, 0.10)
+  config.eval.grid.every_steps = 1000
   config.eval.grid.num_samples = 16
   config.eval.grid.respacing = "25"
-  config.eval.fid.every_steps = 500  # FID at steps 500 and 1000: the FID-vs-steps curves (Fig. 8 left).
+  # FID (with KID and FID∞ from the same features) at the end only: the laws use final points
+  # (sweep.fit), so an FID at step 500 informed no fit and cost ~7 % of the sweep.
+  config.eval.fid.every_steps = 1000
   config.eval.fid.respacing = "25"  # 25 DDPM steps (learned sigma): half the sampling cost of 50.
   config.eval.fid.num_samples = 512
   config.eval.fid.batch_size = 128
   config.eval.fid.cfg_scale = 1.0  # No guidance, as the paper's Table 4.
-  # The held-out split and the validation loss (every 100 steps: the low-noise curve).
+  # The held-out split and the validation loss (every 250 steps: the learning curves' points).
   config.data.val_size = 256
-  config.eval.val.every_steps = 100
+  config.eval.val.every_steps = 250
   config.eval.val.num_examples = 256
   config.eval.val.num_timesteps = 8
   if arg in ("", "cpu", "flow_vs_ddpm"):
@@ -98,19 +110,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.sweep.objectives = ("ddpm", "flow")
     config.sweep.extra_models = ()
   if arg == "isoflop":
-    # Training compute C = 3 x Gflops x batch x steps; each model gets the steps that spend each
-    # budget (Nano/4: 233 steps at 300 Gflops; Pico/8: 13210 at 2700). Scored by the validation
-    # loss, at the end of each run (FID-512 would cost more than most of these runs). Patches 8
-    # and 4: with patches 4 and 2 the smallest model (Pico/4) won at every budget, so the optimum
-    # was not bracketed (experiments/cpu_isoflop/README.md).
-    config.sweep.sizes = ("Pico", "Nano")
-    config.sweep.patches = (8, 4)
+    # One axis: width (dit.SIZES Yocto..Nano: 24-128 at depth 4, 2 heads; 0.05-1.28 M params) at
+    # patch 4, 4 budgets 100-2700 Gflops (27x), 2 seeds: 48 runs. Training compute
+    # C = 3 x Gflops x batch x steps; each model gets the steps that spend each budget. The lr
+    # follows a cosine to 0 at each run's own end (after the 20 warm-up steps), and the EMA is the
+    # post-hoc one chosen per run, so neither favours one run length. Scored by the validation
+    # loss at each run's end. Rules fixed before the run: experiments/cpu_isoflop/README.md.
+    config.sweep.sizes = ("Yocto", "Zepto", "Atto", "Femto", "Pico", "Nano")
+    config.sweep.patches = (4,)
     config.sweep.extra_models = ()
-    config.sweep.budgets = (300.0, 900.0, 2700.0)
+    config.sweep.budgets = (100.0, 300.0, 900.0, 2700.0)
+    config.sweep.seeds = (0, 1)
     config.sweep.workers = 2
+    config.optim.schedule = "cosine"
     config.eval.fid.every_steps = 0
     config.eval.grid.every_steps = 0
-    config.checkpoint_every_steps = 1000
+    config.checkpoint_every_steps = 5000
+    config.log_every_steps = 250
   if arg == "mup_transfer":
     # The μP ladder (dit.SIZES Mu1-Mu4: depth 2, widths 64-256 through 1-4 heads of 64) at patch
     # 4, six learning rates a factor 2 apart, 2 seeds, SP and μP (base width 64 = Mu1, where both
@@ -124,6 +140,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.sweep.parameterizations = ("sp", "mup")
     config.sweep.lrs = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
     config.sweep.workers = 2
+    config.ema.sigma_rels = ()  # as committed: the traditional EMA (decay 0.99)
     config.parameterization = "mup"  # the preflight checks the μP fields of every model
     config.mup.base_width = 64
     config.num_train_steps = 300

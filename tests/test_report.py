@@ -8,14 +8,17 @@ import sys
 import numpy as np
 import pytest
 
+from dit_jax.analysis import laws
 from dit_jax.analysis import report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The single-seed default sweep as committed on 2026-11-27 (rows without family/size/objective/
 # seed).
 CPU_SWEEP = ROOT / "tests" / "data" / "cpu_sweep_single_seed_2026-11-27.jsonl"
-DITS = [("Pico", 8), ("Nano", 8), ("Pico", 4), ("Nano", 4), ("Pico", 2), ("Nano", 2)]
-GFLOPS = np.geomspace(0.002, 0.06, 6)
+DITS = [("Femto", 8), ("Pico", 8), ("Nano", 8), ("Femto", 4), ("Pico", 4), ("Nano", 4),
+        ("Pico", 2), ("Nano", 2)]
+# 5 of the 8 have final compute <= 1/4 of the largest's, so the prediction check can fit them
+GFLOPS = np.geomspace(0.001, 0.06, 8)
 BATCH, STEPS = 32, (400, 1000)
 
 
@@ -29,7 +32,7 @@ def _row(model, family, size, patch, gflops, seed, step, fid, **kw):
 
 
 def law_rows(seed=0, sigma=0.03, held_factor=1.0):
-  """6 DiTs x 3 seeds x 2 steps with fid = 50·C^-0.2 and val_loss = 0.5·C^-0.05 (lognormal
+  """8 DiTs x 3 seeds x 2 steps with fid = 50·C^-0.2 and val_loss = 0.5·C^-0.05 (lognormal
   noise), a U-Net off the law, one failed run; held_factor scales DiT-Nano/2's FIDs."""
   rng = np.random.default_rng(seed)
   rows = []
@@ -69,7 +72,7 @@ def test_law_report_figures_table_and_failed_run(law_report):
   assert summary["failed"] == ["failed: DiT-Nano/2-s3: RuntimeError: out of memory"]
   (g,) = summary["groups"]
   assert (g["fid_metric"], g["fid_num_samples"], g["objective"]) == ("fid_digits_cnn", 512, "ddpm")
-  assert len(g["members"]) == 7 and g["failed"] == summary["failed"]
+  assert len(g["members"]) == 9 and g["failed"] == summary["failed"]
   # the table's Nano/2 cell: seed mean ± sd of the rows' final FIDs
   finals = [r["fid"] for r in law_rows() if r.get("final") and r["model"] == "DiT-Nano/2"]
   assert f"{np.mean(finals):.4g} ± {np.std(finals, ddof=1):.2g} (n=3)" in md
@@ -97,6 +100,50 @@ def test_law_report_recovers_exponent_rho_and_predicts(law_report):
   assert f"−1.000; 90 % CI over seeds [{lo:.3f}".replace("-", "−") in md
 
 
+def test_prediction_extrapolates_from_a_quarter_of_the_compute(law_report):
+  """Only DiTs of final compute <= 1/4 of the held-out's are fitted; error % and half-width %."""
+  _, summary = law_report
+  p = summary["groups"][0]["metrics"]["fid"]["prediction"]
+  held = 3 * GFLOPS[-1] * BATCH * STEPS[-1]
+  want = [f"DiT-{sz}/{pt}" for (sz, pt), g in zip(DITS, GFLOPS) if 3 * g * BATCH * STEPS[-1]
+          <= held / 4]
+  assert p["fitted_members"] == want and len(want) == 5
+  assert p["extrapolation"] >= 4
+  assert p["error_pct"] == pytest.approx(100 * (p["predicted"] - p["measured"]) / p["measured"])
+  assert p["half_width_pct"] == pytest.approx(50 * (p["hi"] - p["lo"]) / p["predicted"])
+  # the default rule keeps final points only: every fitted point is at the last step
+  assert all(u.endswith(f"@ {STEPS[-1]}") for u in p["law"]["points"]["used"])
+  assert p["law"]["points"]["removed"] == len(want)  # one early point per fitted member
+
+
+def test_fit_rules_remove_the_transient_and_refuse_an_all_transient_fit(tmp_path):
+  rows = law_rows()
+  s = report.write(rows, tmp_path / "curves", n_boot=50, plots=False,
+                   rules=laws.Rules(min_fraction=0.0))
+  law = s["groups"][0]["metrics"]["fid"]["law"]
+  assert law["points"]["removed"] == 0 and law["points"]["frontier"]
+  md = (tmp_path / "curves" / "results.md").read_text()
+  assert "step ≥ 0 × the run's final step" in md and "fitted to the frontier" in md
+  s = report.write(rows, tmp_path / "late", n_boot=50, plots=False,
+                   rules=laws.Rules(min_fraction=0.0, min_step=2000))
+  fid = s["groups"][0]["metrics"]["fid"]
+  assert fid["law"] is None and "every point is inside the excluded transient" in fid["law_note"]
+  assert "16 point(s) removed by the rule (step ≥ 0 × the run's final step and ≥ 2000)" in \
+      fid["law_note"]
+  with pytest.raises(ValueError, match="compute_ratio >= 1"):
+    laws.Rules(compute_ratio=0.5)
+
+
+def test_non_positive_kid_values_are_dropped_with_a_count(tmp_path):
+  rows = [dict(r, kid=-0.001 if r["model"] == "DiT-Femto/8" else 0.01 * r["fid"] / 50)
+          if "fid" in r else r for r in law_rows()]
+  s = report.write(rows, tmp_path, n_boot=50, plots=False)
+  kid = s["groups"][0]["metrics"]["kid"]
+  assert kid["law"]["points"]["nonpositive"] == 1 and "DiT-Femto/8 @ 1000" not in \
+      kid["law"]["points"]["used"]
+  assert "kid_digits_cnn" in (tmp_path / "results.md").read_text()
+
+
 def test_off_law_holdout_is_outside_and_holdout_choices(tmp_path):
   rows = law_rows(held_factor=2.0)
   s = report.write(rows, tmp_path / "off", n_boot=200, plots=False)
@@ -122,7 +169,7 @@ def test_mixed_metrics_and_sample_counts_are_split(tmp_path):
   s = report.write(rows + other + fewer, tmp_path, n_boot=50)
   keys = [(g["fid_metric"], g["fid_num_samples"]) for g in s["groups"]]
   assert keys == [("fid_digits_cnn", 256), ("fid_digits_cnn", 512), ("fid_inception", 512)]
-  assert [len(g["members"]) for g in s["groups"]] == [6, 7, 7]
+  assert [len(g["members"]) for g in s["groups"]] == [8, 9, 9]
   for g in s["groups"]:  # each section's law is its own: the x3 metric moves a, not b
     assert abs(g["metrics"]["fid"]["law"]["b"] - 0.2) < 0.03
   assert "fid_vs_gflops_fid-inception_512" in s["figures"]
@@ -135,7 +182,7 @@ def test_mixed_metrics_and_sample_counts_are_split(tmp_path):
 def test_mixed_training_setups_are_refused(tmp_path):
   rows = law_rows()
   bigger = [dict(r, batch_size=64) if r.get("model") == "DiT-Pico/8" else r for r in rows]
-  msg = r"runs differ in batch_size: 64 \(DiT-Pico/8-s0\), 32 \(DiT-Nano/8-s0\)"
+  msg = r"runs differ in batch_size: 32 \(DiT-Femto/8-s0\), 64 \(DiT-Pico/8-s0\)"
   with pytest.raises(ValueError, match=msg):
     report.write(bigger, tmp_path, n_boot=10)
   longer = [dict(r, run=r["run"] + "-long", step=2 * r["step"], num_train_steps=2000)
@@ -164,10 +211,10 @@ def test_read_merges_files_and_refuses_conflicting_runs(tmp_path):
   rows = law_rows()
   a, b, c = (tmp_path / f"{n}.jsonl" for n in "abc")
   a.write_text("".join(json.dumps(r) + "\n" for r in rows[:18]))
-  b.write_text("".join(json.dumps(r) + "\n" for r in rows[12:]))  # DiT-Pico/4's runs in both
+  b.write_text("".join(json.dumps(r) + "\n" for r in rows[12:]))  # DiT-Nano/8's runs in both
   assert report.read([a, b]) == rows
   c.write_text("".join(json.dumps(dict(r, fid=1.0)) + "\n" for r in rows[12:14]))
-  with pytest.raises(ValueError, match="'DiT-Pico/4-s0' is in .*a.jsonl and .*c.jsonl"):
+  with pytest.raises(ValueError, match="'DiT-Nano/8-s0' is in .*a.jsonl and .*c.jsonl"):
     report.read([a, c])
   with pytest.raises(ValueError, match="no such file"):
     report.read([tmp_path / "nope.jsonl"])
@@ -227,7 +274,10 @@ def test_isoflop_exponent_covers_the_truth(tmp_path):
     n_true = (0.35 / (0.25 * 134 * 3 ** 0.25)) ** (1 / 0.6) * p["budget"] ** truth
     assert abs(math.log(p["n_opt"] / n_true)) < 0.05 and p["n_opt_ci"][0] < p["n_opt"]
   assert len(s["groups"][0]["members"]) == 12
-  assert "N_opt ∝ C^a, a = " in (tmp_path / "results.md").read_text()
+  md = (tmp_path / "results.md").read_text()
+  assert "parametric L(N, D) (Chinchilla Approach 3): a = " in md
+  assert "parabolas in log N per budget (Approach 2): a = " in md
+  assert iso["parabola_per_budget"][0]["budget"] == 1e3 and len(iso["budgets"]) == 3
 
 
 def test_rows_against_another_reference_are_a_section_of_their_own(tmp_path):
@@ -236,4 +286,4 @@ def test_rows_against_another_reference_are_a_section_of_their_own(tmp_path):
            if r.get("status") == "ok"]
   s = report.write(rows + other, tmp_path, n_boot=50, plots=False)
   assert [g["fid_reference_fingerprint"] for g in s["groups"]] == ["aaaa", "bbbb"]
-  assert [len(g["members"]) for g in s["groups"]] == [7, 7]
+  assert [len(g["members"]) for g in s["groups"]] == [9, 9]

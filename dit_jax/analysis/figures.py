@@ -116,15 +116,17 @@ def _vs_compute(grid, groups, metric, ylabel, style):
       ax.plot(m.compute, rows.nanmean(m.values[metric], axis=1), alpha=0.5, lw=0.8, **st)
     stats = groups[o][1]
     if "_frontier" in stats:
-      idx, C, y, _ = stats["_frontier"]
+      idx, C, y, _, info = stats["_frontier"]
       ls = LINE.get(o, ":")
-      ax.plot(C[idx], y[idx], color="k", ls=ls, lw=2, alpha=0.4, label=f"frontier ({o})")
+      idx = idx[np.argsort(C[idx])]
+      ax.plot(C[idx], y[idx], "s", color="k", mfc="none", ms=8, alpha=0.6,
+              label=f"{'frontier' if info['frontier'] else 'points'} of the law ({o})")
       xs = np.geomspace(C.min(), C.max(), 60)
       _draw_law(ax, stats["_fit"], xs, "crimson", ls, f" ({o})" if len(groups) > 1 else "")
   ax.set(xscale="log", yscale="log", ylabel=ylabel, title=f"{ylabel} vs training compute",
          xlabel=f"training compute C (Gflops = {flops.TRAIN_FORWARD_PASSES} · Gflops · batch · "
          "steps)")
-  _legend(ax, title="points: seed means per (model, step); law fitted to the DiT frontier")
+  _legend(ax, title="seed means per (model, step); law fitted to the squares (analysis.laws.Rules)")
   return fig
 
 
@@ -132,9 +134,10 @@ def _prediction(preds, metric, ylabel):
   """Each group's law without the held-out DiT, its prediction interval and the measured seeds."""
   fig, ax = _axes()
   for o, s in preds.items():
-    idx, C, y, _ = s["_pfrontier"]
+    idx, C, y, _, _ = s["_pfrontier"]
     p, h = s["prediction"], s["_held"]
-    ax.plot(C[idx], y[idx], "o", color="0.5", ms=4, label=f"frontier without {p['model']} ({o})")
+    ax.plot(C[idx], y[idx], "o", color="0.5", ms=4,
+            label=f"fitted: compute ≤ 1/{s['_rules'].compute_ratio:g} of {p['model']}'s ({o})")
     xs = np.geomspace(C.min(), max(C.max(), p["compute"]) * 1.2, 60)
     _draw_law(ax, s["_pfit"], xs, "crimson", LINE.get(o, ":"))
     ax.errorbar(p["compute"], p["predicted"], yerr=[[max(p["predicted"] - p["lo"], 0)],

@@ -95,13 +95,14 @@ def _suffix(key, n_sections) -> str:
       "".join(c if c.isalnum() else "-" for c in str(v)) for v in key if v is not None)
 
 
-def write(rows, out_dir, *, holdout=None, ci=0.9, n_boot=1000, seed=0, plots=True) -> dict:
+def write(rows, out_dir, *, holdout=None, ci=0.9, n_boot=1000, seed=0, plots=True,
+          rules=laws.Rules()) -> dict:
   """Figures (PNG and SVG), results.md and the returned JSON-ready summary of a sweep's rows.
 
   holdout: a DiT model name for the prediction check (all its seeds held out), None for the DiT of
   largest final compute in each group, False for no check. Raises ValueError on rows that mix what
   cannot be compared (see rows.py) or hold no finished run. plots=False: results.md and the summary
-  only (drawing is most of the time).
+  only (drawing is most of the time). rules: which points the laws use (laws.Rules).
   """
   sections, problems = rows_lib.organise(rows)
   if not sections:
@@ -111,14 +112,17 @@ def write(rows, out_dir, *, holdout=None, ci=0.9, n_boot=1000, seed=0, plots=Tru
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   n_runs = len({r["run"] for r in rows})
-  md = markdown.header(len(rows), n_runs, ci, n_boot, seed)
+  md = markdown.header(len(rows), n_runs, ci, n_boot, seed, rules)
   summary = dict(rows=len(rows), runs=n_runs, ci=ci, n_boot=n_boot, seed=seed, failed=problems,
-                 groups=[], figures=[])
+                 groups=[], figures=[], rules=vars(rules))
   for key, groups in sorted(sections.items(), key=lambda kv: json.dumps(kv[0])):
     info = dict(zip(rows_lib.SECTION_FIELDS, key))
-    labels = dict(fid=info["fid_metric"] or "fid", val_loss="val_loss")
-    stats = {o: {k: laws.analyse(ms, k, holdout, n_boot, ci, seed) for k in rows_lib.METRICS
-                 if any(m.has(k) for m in ms)} for o, ms in groups.items()}
+    net = (info["fid_metric"] or "fid").removeprefix("fid")
+    labels = dict(fid=info["fid_metric"] or "fid", fid_inf=f"fid_inf{net}", kid=f"kid{net}",
+                  val_loss="val_loss")
+    stats = {o: {k: laws.analyse(ms, k, holdout, n_boot, ci, seed, rules)
+                 for k in rows_lib.METRICS if any(m.has(k) for m in ms)}
+             for o, ms in groups.items()}
     names = []
     for k in rows_lib.METRICS:
       gs = {o: (ms, stats[o][k]) for o, ms in groups.items() if k in stats[o]}

@@ -20,7 +20,9 @@ import numpy as np
 from dit_jax import models
 from dit_jax.sweep import members
 
-METRICS = ("fid", "val_loss")
+# The metrics a law can be fitted to: FID, its 1/N-extrapolation FID∞ and KID (unbiased at small
+# N: evaluation/unbiased.py), and the held-out loss.
+METRICS = ("fid", "fid_inf", "kid", "val_loss")
 SECTION_FIELDS = ("fid_metric", "fid_num_samples", "fid_reference_fingerprint")
 NAN = math.nan
 
@@ -95,6 +97,9 @@ class Member:
     self.compute = nanmean(comp, axis=1)
     self.final_compute = float(self.compute[pos[runs[0][-1]["step"]]])
     self.final_step = runs[0][-1]["step"]
+    # The EMA each seed's final row was evaluated with: the post-hoc σ_rel the sweep chose on the
+    # validation loss, or the traditional decay ('decay 0.99'); None in rows older than either.
+    self.ema = [_ema_label(rs[-1]) for rs in runs]
     self.batch_size = first.get("batch_size")
 
   def has(self, metric) -> bool:
@@ -103,6 +108,12 @@ class Member:
   def final(self, metric):
     """(mean, sample sd, n) over seeds of the final metric; sd NaN with one seed."""
     return _mean_sd(self.finals[metric])
+
+
+def _ema_label(row):
+  if row.get("ema_sigma_rel") is not None:
+    return f"σ_rel {row['ema_sigma_rel']:g}"
+  return f"decay {row['ema_decay']:g}" if row.get("ema_decay") is not None else None
 
 
 def _checked_run(run, rs, problems):

@@ -28,6 +28,12 @@ class Size:
 # Mi and Nano keep DiT's head width (64) and shrink depth and width; Pico has 0.56x Nano's Gflops,
 # so a Pico/Nano x patch grid interleaves in Gflops (each step about 2x) as the CPU sweep wants.
 SIZES = {
+    # A width ladder at Pico's depth and head count (SI prefixes in width order), for iso-FLOP
+    # sweeps along one axis (configs/dit_sweep.py:isoflop) and more widths per patch in the default.
+    "Yocto": Size(4, 24, 2),
+    "Zepto": Size(4, 32, 2),
+    "Atto": Size(4, 48, 2),
+    "Femto": Size(4, 64, 2),
     "Pico": Size(4, 96, 2),
     "Nano": Size(4, 128, 2),
     "Mi": Size(6, 192, 3),

@@ -17,6 +17,7 @@ import ml_collections
 
 from dit_jax import models
 from dit_jax import objectives
+from dit_jax.analysis import laws
 from dit_jax.models import flops
 from dit_jax.models import mup
 from dit_jax.sweep import devices
@@ -179,10 +180,16 @@ def _check_types(s) -> None:
     raise ValueError(f"sweep.max_steps={limit!r}: a positive number of steps")
 
 
+def fit_rules(s) -> laws.Rules:
+  """The report's fit rules (config.sweep.fit; laws.Rules's defaults where a field is absent)."""
+  return laws.Rules(**s.get("fit", {}))
+
+
 def check_config(s, eval_cfg) -> None:
   """The sweep block `s` (config.sweep), and what a sweep needs of the training config's `eval_cfg`
   (config.eval): an evaluation to record."""
   _check_types(s)
+  fit_rules(s)
   if not model_names(s) or not s.seeds or not s.objectives:
     raise ValueError("the sweep has no members: set sweep.sizes and sweep.patches (or "
                      "sweep.extra_models), sweep.seeds and sweep.objectives")

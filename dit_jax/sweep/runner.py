@@ -169,7 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[str]:
     rows = files.read_jsonl(path) if jax.process_index() == 0 else []
     if rows:
       from dit_jax.analysis import report  # pylint: disable=import-outside-toplevel
-      report.write(rows, workdir)
+      report.write(rows, workdir, rules=members_lib.fit_rules(config.sweep))
   return failed
 
 

@@ -36,6 +36,11 @@ def fingerprinted(config_json: str) -> dict:
     # SP (the default, and every run made before μP existed): the mup block changes no number,
     # and leaving both out keeps the fingerprints of earlier runs and committed rows valid.
     flat = {k: v for k, v in flat.items() if k != "parameterization" and not k.startswith("mup.")}
+  if flat.get("optim.schedule", "constant") == "constant":
+    # The paper's constant lr (every run made before the schedules existed): the schedule fields
+    # change no number, and leaving them out keeps earlier fingerprints valid, as for SP above.
+    flat = {k: v for k, v in flat.items()
+            if k not in ("optim.schedule", "optim.cooldown_fraction")}
   return {k: v for k, v in flat.items()
           if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
 
@@ -54,9 +59,14 @@ def changed_fields(old: dict, new: dict) -> list[str]:
 def _extends(saved_steps: int, steps: int, config_json: str, path, write: bool) -> bool:
   """Whether `config` extends the run saved at `path` (only num_train_steps differs, and it is
   raised): training goes on from the last checkpoint, as the DiT paper reads one run at many steps.
-  The learning-rate schedule (warm-up, then constant: train_step.learning_rate_schedule) does not
-  read num_train_steps, so the steps already taken are the new run's; a schedule that does (a
-  decay to the end) would have to refuse this. Lowering it is refused."""
+  The constant learning-rate schedule (warm-up, then constant: train_step.learning_rate_schedule)
+  does not read num_train_steps, so the steps already taken are the new run's; a schedule that does
+  (cosine, cooldown: a decay to the end) is refused, as is lowering it."""
+  schedule = json.loads(config_json).get("optim", {}).get("schedule", "constant")
+  if schedule != "constant" and steps != saved_steps:
+    raise ValueError(f"num_train_steps={steps}: {path.parent} was trained with optim.schedule="
+                     f"{schedule!r}, which decays to 0 at its {saved_steps} steps; the steps taken "
+                     "are not those of a longer run: use a new workdir")
   if steps < saved_steps:
     raise ValueError(f"num_train_steps={steps}: {path.parent} was configured for "
                      f"{saved_steps} steps; a run can be extended, not shortened (sample an earlier "

@@ -118,7 +118,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
       raise
     if captions.tokenizer_of(source) is not None:  # sampling a text run needs its vocabulary
       captions.save_tokenizer(workdir, captions.tokenizer_of(source))
-  tx = step_lib.create_optimizer(config.optim, models.lr_scales(model))
+  tx = step_lib.create_optimizer(config.optim, models.lr_scales(model), config.num_train_steps)
   rules = tuple(tuple(r) for r in config.logical_axis_rules) if config.logical_axis_rules else \
       sharding_lib.DEFAULT_RULES
   abstract_state, shardings = step_lib.state_shardings(model, tx, mesh, rules)
@@ -160,7 +160,8 @@ def compile_step(run: Run, state):
   """(the compiled train step, seconds it took)."""
   step_fn = step_lib.jit_train_step(run.model, run.objective.process, run.tx, run.mesh,
                                     run.shardings, run.schedule.ema_decay,
-                                    step_lib.learning_rate_schedule(run.optim))
+                                    step_lib.learning_rate_schedule(
+                                        run.optim, run.schedule.num_train_steps))
   bs = step_lib.batch_shardings(run.mesh)
   batch = dict(
       image=jax.ShapeDtypeStruct(run.pipeline.image_shape, jnp.float32, sharding=bs["image"]),
@@ -354,7 +355,7 @@ def load_trained(workdir, step: int | None = None) -> Trained:
     model = models.create(models.model_config(config), tuple(data_state["image_shape"]),
                           data_state["num_classes"], tokenizer=tokenizer)
     mesh = sharding_lib.create_mesh((-1, 1, 1))
-    tx = step_lib.create_optimizer(config.optim, models.lr_scales(model))
+    tx = step_lib.create_optimizer(config.optim, models.lr_scales(model), config.num_train_steps)
     abstract, shardings = step_lib.state_shardings(model, tx, mesh)
     state, _ = ckpt.restore(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
   finally:

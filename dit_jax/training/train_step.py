@@ -34,6 +34,9 @@ class TrainState:
   nonfinite_total: jax.Array  # int32: all skipped updates.
 
 
+SCHEDULES = ("constant", "cosine", "cooldown")
+
+
 def check_config(optim, ema_decay: float) -> None:
   """The optimisation fields: `optim` (config.optim) and the EMA decay."""
   if not optim.lr > 0:
@@ -44,32 +47,55 @@ def check_config(optim, ema_decay: float) -> None:
   if not (0 <= optim.b1 < 1 and 0 <= optim.b2 < 1) or optim.eps <= 0:
     raise ValueError(f"optim.b1/b2 must be in [0, 1) and optim.eps > 0 (got {optim.b1}, "
                      f"{optim.b2}, {optim.eps})")
+  if optim.schedule not in SCHEDULES:
+    raise ValueError(f"optim.schedule={optim.schedule!r}: use one of {SCHEDULES}")
+  if optim.schedule == "cooldown" and not 0 < optim.cooldown_fraction <= 1:
+    raise ValueError(f"optim.cooldown_fraction must be in (0, 1], got {optim.cooldown_fraction}")
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
 
 
-def learning_rate_schedule(optim) -> optax.Schedule:
-  """Constant lr (the paper), after an optional linear warm-up."""
-  if optim.warmup_steps > 0:
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, optim.lr, optim.warmup_steps), optax.constant_schedule(optim.lr)],
-        [optim.warmup_steps])
-  return optax.constant_schedule(optim.lr)
+def learning_rate_schedule(optim, num_steps: int = 0) -> optax.Schedule:
+  """The lr at each step: a linear warm-up from 0 over optim.warmup_steps, then
+
+  constant (the paper's), cosine (to 0 at num_steps, the run's length) or cooldown (constant, then
+  linear to 0 over the last optim.cooldown_fraction of num_steps: Hägele et al. 2024's
+  constant + cool-down). The decaying two need num_steps, the run's num_train_steps; an object
+  without a `schedule` field (tools' ad-hoc optimisers) is constant."""
+  kind = getattr(optim, "schedule", "constant")
+  warm = min(optim.warmup_steps, num_steps) if kind != "constant" else optim.warmup_steps
+  if kind == "constant":
+    main = optax.constant_schedule(optim.lr)
+  elif num_steps < 1:
+    raise ValueError(f"optim.schedule={kind!r} decays to 0 at the run's end: give num_steps")
+  elif kind == "cosine":
+    main = optax.cosine_decay_schedule(optim.lr, max(num_steps - warm, 1))
+  else:
+    cool = max(int(round(optim.cooldown_fraction * num_steps)), 1)
+    flat = max(num_steps - warm - cool, 0)
+    main = optax.join_schedules([optax.constant_schedule(optim.lr),
+                                 optax.linear_schedule(optim.lr, 0.0, cool)], [flat])
+  if warm > 0:
+    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warm), main], [warm])
+  return main
 
 
-def create_optimizer(optim, lr_scales: Optional[dict] = None) -> optax.GradientTransformation:
-  """AdamW (torch's defaults b1 0.9, b2 0.999, eps 1e-8), optional global-norm clipping.
+def create_optimizer(optim, lr_scales: Optional[dict] = None,
+                     num_steps: int = 0) -> optax.GradientTransformation:
+  """AdamW (torch's defaults b1 0.9, b2 0.999, eps 1e-8), optional global-norm clipping, on
+  learning_rate_schedule(optim, num_steps).
 
   lr_scales ({param path: factor}, `models.lr_scales(model)`: μP's per-parameter lr) multiplies
   each parameter's Adam direction before the decoupled weight decay and the schedule: optax's
   adamw chain with one transform inserted (`MuAdamW`'s lr / m with weight_decay x m)."""
+  lr = learning_rate_schedule(optim, num_steps)
   if lr_scales is None:
-    tx = optax.adamw(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+    tx = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                      weight_decay=optim.weight_decay)
   else:
     tx = optax.chain(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
                      mup.scale_updates(lr_scales), optax.add_decayed_weights(optim.weight_decay),
-                     optax.scale_by_learning_rate(learning_rate_schedule(optim)))
+                     optax.scale_by_learning_rate(lr))
   if optim.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
   return tx
