@@ -200,3 +200,42 @@ def test_the_trainer_trains_the_flow_objective_through_the_same_loop(tmp_path):
   from PIL import Image
   grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000004.png"))
   assert grid.shape == (2 + 2 * 10, 2 + 2 * 10) and grid.std() > 0
+
+
+def test_lr_schedules_match_their_closed_forms():
+  """cosine: lr/2 (1 + cos(pi s / (T - w))) after w warm-up steps; cooldown: constant, then linear
+  to 0 over the last fraction of T; constant: the paper's. The decaying ones need the run's T."""
+  T, w, lr = 110, 10, 2e-3
+  optim = tiny_optim(lr=lr, warmup_steps=w, schedule="cosine", cooldown_fraction=0.2)
+  f = train_step.learning_rate_schedule(optim, T)
+  for s in (0, 5, 10, 37, 60, 109, 110):
+    want = lr * s / w if s < w else lr / 2 * (1 + np.cos(np.pi * (s - w) / (T - w)))
+    assert float(f(s)) == pytest.approx(want, rel=1e-5, abs=1e-9)  # float32 near 0
+  optim.schedule = "cooldown"
+  f = train_step.learning_rate_schedule(optim, T)
+  start = T - 22  # 20 % of 110 steps
+  for s in (10, 50, start, 99, 110):
+    want = lr if s <= start else lr * (T - s) / 22
+    assert float(f(s)) == pytest.approx(want, rel=1e-5, abs=1e-9)  # float32 near 0
+  optim.schedule = "constant"
+  assert float(train_step.learning_rate_schedule(optim)(10_000)) == pytest.approx(lr)
+  optim.schedule = "cosine"
+  with pytest.raises(ValueError, match="give num_steps"):
+    train_step.learning_rate_schedule(optim)
+  optim.schedule = "linear"
+  with pytest.raises(ValueError, match="optim.schedule='linear'"):
+    train_step.check_config(optim, 0.99)
+
+
+def test_a_decaying_schedule_cannot_be_extended(tmp_path):
+  from dit_jax.training import fingerprint  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  config.optim.schedule = "cosine"
+  path = tmp_path / "config.json"
+  fingerprint.check_same_config(path, config)
+  config.num_train_steps += 10
+  with pytest.raises(ValueError, match="decays to 0 at its"):
+    fingerprint.check_same_config(path, config)
+  # the constant schedule leaves the fingerprint of a run made before schedules existed alone
+  config.optim.schedule = "constant"
+  assert "optim.schedule" not in fingerprint.fingerprinted(config.to_json_best_effort())

@@ -1,16 +1,19 @@
-"""The statistics of one group and metric: rho, the law on the frontier, its prediction check,
-the iso-FLOP optimum (bootstrap, power_law and isoflop on arrays built from the members).
+"""The statistics of one group and metric: rho, the law, its prediction check, the iso-FLOP
+optimum (bootstrap, power_law and isoflop on arrays built from the members).
 
 rho: Spearman of Gflops vs seed-mean final metric over the DiTs, CI by resampling each model's seeds
-(none with one seed). Law: metric = a·C^-b (FID) or e + a·C^-b (val_loss, which has an irreducible
-term: IRREDUCIBLE) fitted to the compute-optimal frontier of the DiTs' evaluation points (seed means
-per (member, step)) with a bootstrap over models; its band (PowerLawFit.band) is the pointwise
-percentile interval of the bootstrap replicates' curves, a confidence band for the mean law, not an
-interval for new runs. Prediction check: the law fitted without the held-out model (default: the DiT
-of largest final compute) against its seed-mean final metric, with the fit's prediction interval at
-its final compute (its residual scatter is that of the frontier's seed means, so it is an interval
-for a seed mean, not for one seed). Iso-FLOP: isoflop_optimum over the finished iso-FLOP runs. The
-U-Nets are in none of these: the law is the DiTs'.
+(none with one seed). Law: metric = a·C^-b (FID, FID∞, KID) or e + a·C^-b (val_loss, which has an
+irreducible term: IRREDUCIBLE), fitted to the DiTs' seed-mean points (per member and step) that the
+fit rules keep (Rules: by default final points only, so no warm-up or early-transient point; all
+kept points when they are final ones, else their compute-optimal frontier), with a bootstrap over
+models; its band (PowerLawFit.band) is the pointwise percentile interval of the bootstrap
+replicates' curves, a confidence band for the mean law, not an interval for new runs. Prediction
+check: the law fitted on the DiTs whose final compute is <= 1/Rules.compute_ratio of the held-out
+model's (default: the DiT of largest final compute) against its seed-mean final metric, with the
+fit's prediction interval at its final compute (its residual scatter is that of seed means, so it is
+an interval for a seed mean, not for one seed), the error in % and the interval's half-width in %.
+Iso-FLOP: isoflop_optimum over the finished iso-FLOP runs. The U-Nets are in none of these: the law
+is the DiTs'.
 """
 import dataclasses
 import math
