@@ -100,7 +100,7 @@ def _isoflop(s, pc) -> list:
   def per(rows):
     return "; ".join(f"C = {q['budget']:.4g}: {_f(q['n_opt'])} [{_f(q['n_opt_ci'][0])}, "
                      f"{_f(q['n_opt_ci'][1])}]" for q in rows)
-  return [f"- Iso-FLOP, N_opt ∝ C^a (N in Gflops per image, C in Gflops), by two methods:",
+  return ["- Iso-FLOP, N_opt ∝ C^a (N in Gflops per image, C in Gflops), by two methods:",
           f"  - parametric L(N, D) (Chinchilla Approach 3): a = {_f(r['a'], '.3f')} [{pc} CI "
           f"{_f(r['a_ci'][0], '.3f')}, {_f(r['a_ci'][1], '.3f')}]; N_opt {per(r['per_budget'])}",
           f"  - parabolas in log N per budget (Approach 2): a = {_f(r['parabola_a'], '.3f')} "
