@@ -137,6 +137,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval.fid.reference = ""  # Reference statistics .npz ('' = computed from the training data).
   config.eval.fid.reference_size = 10_000  # Training images in a computed reference (0 = all).
   config.eval.fid.cache_dir = ""  # Feature nets and references cache ('' = ~/.cache/dit_jax).
+  config.eval.fid.kid_subsets = 100  # KID: random subsets averaged (torch-fidelity's default).
+  config.eval.fid.kid_subset_size = 1000  # KID subset size, capped at min(it, samples, reference).
+  config.eval.fid.fid_inf_points = 10  # FID∞: sample counts n/4..n fit on 1/N (0 = off).
   # Validation loss (evaluators.ValidationLoss) on the held-out split of data.val_size examples.
   config.eval.val = ml_collections.ConfigDict()
   config.eval.val.every_steps = 0  # Every N steps and at the end (0 = never; needs data.val_size).

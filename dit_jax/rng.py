@@ -24,6 +24,8 @@ EPOCH_ORDER = 0  # config.seed, epoch: the data pipeline's shuffle of each epoch
 FLIPS = 1  # config.seed, step: the data pipeline's random flips of each step
 SPLIT = 7  # data.val_seed: the held-out validation split's permutation
 STRATIFIED = 11  # a seeded class-stratified sample (data.max_examples, eval.fid.reference_size)
+KID_SUBSETS = 13  # eval.seed: KID's random subsets (evaluation/unbiased.py)
+FID_INF_SUBSETS = 17  # eval.seed: FID∞'s random subset at each sample count (evaluation/unbiased.py)
 # The dataset CNN (evaluation/feature_net.py) under its own seed: default_rng(seed) holds out its
 # test images, jax.random.key(seed) initialises it, default_rng(seed + FEATURE_NET_BATCHES) orders
 # its minibatches.

@@ -5,8 +5,8 @@ objective (`objectives.from_config`), and has one interface, `run(params, step) 
 scalars, plus `name` and `every_steps`; the loop calls them without knowing what they compute:
 
 - `SampleGrid` (`eval.grid.*`): a PNG grid of EMA samples (labels 0, 1, 2, ...) in workdir/samples.
-- `SampleQuality` (`eval.fid.*`): FID/sFID/IS/precision/recall of N EMA samples against reference
-  statistics, named after the feature network (`fid_inception`, `fid_digits_cnn`).
+- `SampleQuality` (`eval.fid.*`): FID/sFID/IS/precision/recall, KID and FID∞ of N EMA samples
+  against the reference, named after the feature network (`fid_inception`, `kid_digits_cnn`).
 - `ValidationLoss` (`eval.val.*`): the objective's loss on the held-out split (`data.val_size`) at a
   fixed stratified set of times with fixed noise per example: deterministic, identical for every
   member and seed, and cheap, so it can run often (`val_loss`, `val_mse`, `val_vb`).
@@ -42,6 +42,7 @@ from dit_jax.data import images as images_lib
 from dit_jax.data import sources
 from dit_jax.evaluation import fid
 from dit_jax.evaluation import inception
+from dit_jax.evaluation import unbiased
 from dit_jax.models import vae as vae_lib
 from dit_jax.objectives import per_example
 
@@ -78,6 +79,7 @@ def check_config(eval_cfg, val_size: int) -> None:
     if q.feature_network not in FEATURE_NETWORKS:
       raise ValueError(f"eval.fid.feature_network={q.feature_network!r}: use one of "
                        f"{FEATURE_NETWORKS}")
+    unbiased.check_config(q)
 
 
 def check_with_data(eval_cfg, data_cfg, source) -> None:
@@ -281,7 +283,10 @@ def feature_network_and_reference(eval_cfg, data_cfg, source, mesh):
 
 class SampleQuality:
   """FID and friends of `eval.fid.num_samples` EMA samples (pixel data: against cached statistics
-  of the training source; latents: against `eval.fid.reference`, samples decoded by the VAE)."""
+  of the training source; latents: against `eval.fid.reference`, samples decoded by the VAE), and
+  from the same features KID and FID∞ (unbiased.py: kid_<net>, kid_std_<net>, fid_inf_<net>,
+  fid_inf_slope_<net>; no KID against a stats-only reference, fid_reference.json's kid_note says
+  why)."""
   name = "fid"
 
   def __init__(self, eval_cfg, data_cfg, objective, source, model, mesh, workdir):
@@ -294,7 +299,8 @@ class SampleQuality:
           fid_reference=q.reference or f"cached:{source.name}/{data_cfg.split}",
           fid_reference_fingerprint=reference.fingerprint(),
           fid_reference_size=int(reference.num_images), fid_feature_net=name,
-          fid_feature_net_weights=getattr(feature_fn, "weights_key", None))))
+          fid_feature_net_weights=getattr(feature_fn, "weights_key", None),
+          **unbiased.kid_note(reference))))
     self._suite = FidSuite(name, feature_fn, reference, q.num_samples, q.batch_size,
                            num_classes=source.num_classes if models.reads_labels(model) else None,
                            mesh=mesh, data_axis=sharding_lib.BATCH_AXES, progress=False)
@@ -304,7 +310,7 @@ class SampleQuality:
     self._shape = (q.batch_size,) + tuple(source.image_shape)
     self._decode = (lambda x: decode_latents(eval_cfg.vae_path, x, source.scaling_factor)) \
         if latents else (lambda x: x)
-    self._seed, self._batch = eval_cfg.seed, q.batch_size
+    self._seed, self._batch, self._q = eval_cfg.seed, q.batch_size, q
     self.key = f"fid_{name}"
     table = captions.caption_table(source)
     # A text model samples the captions of the drawn classes; the lookup keeps their sharding.
@@ -314,7 +320,12 @@ class SampleQuality:
     def sample_fn(rng, labels):
       labels = np.zeros((self._batch,), np.int32) if labels is None else self._to_model(labels)
       return self._decode(self._sample(params, labels, rng, self._shape))
-    return self._suite.run(sample_fn, rng_lib.fid_key(self._seed, step))
+    s = self._suite
+    feats = s.sample_features(sample_fn, rng_lib.fid_key(self._seed, step))
+    out = fid.metrics(s.feature_name, feats, s.reference, pr=s.precision_recall)
+    # KID and FID∞ (unbiased.py) from the same features
+    return dict(out, **unbiased.metrics(s.feature_name, feats["pool"], s.reference, self._q,
+                                        self._seed))
 
 
 class ValidationLoss:

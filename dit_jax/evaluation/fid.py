@@ -30,6 +30,9 @@ FeatureFn = Callable[[jax.Array], dict]
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score
 PR_NEIGHBOURS = 3  # ADM's ManifoldEstimator nhood_sizes
 PR_REFERENCE_SIZE = 10_000  # ADM's reference batches hold 10K images for precision/recall
+# In the content key of cached references: 2 = the stored features (for P/R and KID) are spread
+# evenly over the images, not their first PR_REFERENCE_SIZE (1, keyless: a class-sorted head).
+REFERENCE_FORMAT = 2
 
 
 def statistics(features_NxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +134,7 @@ class Reference:
   sigma: np.ndarray
   mu_s: np.ndarray | None = None
   sigma_s: np.ndarray | None = None
-  features: np.ndarray | None = None  # pool features of up to PR_REFERENCE_SIZE images, for P/R
+  features: np.ndarray | None = None  # pool features of up to PR_REFERENCE_SIZE images: P/R, KID
   num_images: int = 0
 
   def fingerprint(self) -> str:
@@ -157,11 +160,14 @@ class Reference:
 
 def compute_reference(feature_name: str, feature_fn: FeatureFn, images_u8: np.ndarray,
                       batch_size: int = 250, mesh=None, num_pr: int = PR_REFERENCE_SIZE) -> Reference:
-  """Reference statistics of uint8 images under `feature_fn`."""
+  """Reference statistics of uint8 images under `feature_fn`, and the pool features of num_pr of
+  them spread evenly over the images (all when fewer; a class-sorted sample keeps its classes)."""
   feats = extract_features(feature_fn, images_u8, batch_size, mesh, desc=f"reference {feature_name}")
   mu, sigma = statistics(feats["pool"])
-  ref = Reference(feature_name, mu, sigma, features=feats["pool"][:num_pr].astype(np.float32),
-                  num_images=len(images_u8))
+  n = len(images_u8)
+  keep = np.arange(n) if n <= num_pr else np.round(np.linspace(0, n - 1, num_pr)).astype(int)
+  ref = Reference(feature_name, mu, sigma, features=feats["pool"][keep].astype(np.float32),
+                  num_images=n)
   if "spatial" in feats:
     ref.mu_s, ref.sigma_s = statistics(feats["spatial"])
   return ref
@@ -211,12 +217,12 @@ def reference_path(cache_dir, dataset: str, split: str, image_size: int, feature
 
 
 def reference_key(images_key: str, feature_fn: FeatureFn) -> str:
-  """The content key of reference statistics: the images' key and the feature network's weights
-  (a retrained net never reuses statistics of the old one)."""
+  """The content key of reference statistics: the images' key, the feature network's weights
+  (a retrained net never reuses statistics of the old one) and REFERENCE_FORMAT."""
   weights = getattr(feature_fn, "weights_key", None)
   if weights is None:
     raise ValueError("the feature network has no weights_key; cached statistics need one")
-  return files.content_hash(images_key, weights)
+  return files.content_hash(images_key, weights, REFERENCE_FORMAT)
 
 
 def cached_reference(cache_dir, dataset: str, split: str, image_size: int, feature_name: str,

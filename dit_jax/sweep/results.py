@@ -2,7 +2,8 @@
 
 A row holds the member's identity (run, model, family, size, patch, objective, seed, budget), its
 cost (params, Gflops, training compute = 3 x Gflops x batch x step, the paper's measure), its
-metrics (fid with fid_metric, the feature network's name; val_loss; sFID/IS/P-R) and their
+metrics (fid with fid_metric, the feature network's name, and beside it kid, kid_std, fid_inf and
+fid_inf_slope of the same samples, null where not computed; val_loss; sFID/IS/P-R) and their
 provenance: sample count, reference statistics (fingerprint, size), sampler and steps, guidance
 and guided channels, clipping, EMA decay, and `config_fingerprint`, a hash of every field of the
 member's config that can change a number. Re-runs compare fingerprints, never names alone.
@@ -18,7 +19,21 @@ from dit_jax import objectives
 from dit_jax.models import flops
 from dit_jax.training.fingerprint import fingerprint
 
-METRIC_PREFIXES = ("fid", "sfid", "is", "precision", "recall")
+METRIC_PREFIXES = ("fid", "sfid", "is", "precision", "recall", "kid")
+# Carried generically beside fid: `<name>_<feature net>` -> `<name>` (evaluation/unbiased.py).
+BESIDE_FID = ("kid", "kid_std", "fid_inf", "fid_inf_slope")
+
+
+def generic_fid(scores: dict) -> dict:
+  """fid, fid_metric and the BESIDE_FID fields of one evaluation's `<metric>_<net>` scores ({}
+  without a FID); those not computed (KID against a stats-only reference, fid_inf_points=0) None."""
+  fids = {k: v for k, v in scores.items() if k.startswith("fid_") and not k.startswith("fid_inf_")}
+  if not fids:
+    return {}
+  (metric, value), = fids.items()
+  net = metric[len("fid_"):]
+  return dict(fid=value, fid_metric=metric,
+              **{name: scores.get(f"{name}_{net}") for name in BESIDE_FID})
 
 
 def provenance(config, data_kind: str) -> dict:
@@ -51,10 +66,9 @@ def evaluation_rows(run: str, run_dir, info: dict, extra: dict) -> list[dict]:
     step = int(m["step"])
     scores = {k: v for k, v in m.items()
               if k.split("_")[0] in METRIC_PREFIXES or k.startswith("val_")}
-    fids = {k: v for k, v in scores.items() if k.startswith("fid_")}
-    if fids:
-      (metric, value), = fids.items()
-      scores.update(fid=value, fid_metric=metric, wall_s=m.get("wall_s", math.nan))
+    generic = generic_fid(scores)
+    if generic:
+      scores.update(generic, wall_s=m.get("wall_s", math.nan))
     if scores:
       by_step.setdefault(step, {}).update(scores)
   reference = run_dir / "fid_reference.json"
