@@ -36,6 +36,12 @@ def fingerprinted(config_json: str) -> dict:
     # SP (the default, and every run made before μP existed): the mup block changes no number,
     # and leaving both out keeps the fingerprints of earlier runs and committed rows valid.
     flat = {k: v for k, v in flat.items() if k != "parameterization" and not k.startswith("mup.")}
+  if not (flat.get("eval.fid.every_steps") and flat.get("eval.fid.num_samples")):
+    # FID off: KID and FID∞ (computed from FID's features) are off too, and their fields change
+    # no number; leaving them out keeps the fingerprints of FID-less runs made before them.
+    flat = {k: v for k, v in flat.items()
+            if k not in ("eval.fid.kid_subsets", "eval.fid.kid_subset_size",
+                         "eval.fid.fid_inf_points")}
   if flat.get("optim.schedule", "constant") == "constant":
     # The paper's constant lr (every run made before the schedules existed): the schedule fields
     # change no number, and leaving them out keeps earlier fingerprints valid, as for SP above.
