@@ -94,6 +94,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optim.cooldown_fraction = 0.2  # The cool-down's share of the run (schedule cooldown).
   config.optim.grad_clip = 0.0  # Clip gradients to this global norm (0 = off).
   config.ema_decay = 0.9999  # EMA of the params; evaluation and sampling use the EMA.
+  # Post-hoc EMA (EDM2, dit_jax/training/phema.py): power-function EMAs tracked during training,
+  # saved as snapshots, and any profile reconstructed from them after training.
+  config.ema = ml_collections.ConfigDict()
+  # σ_rel of the tracked power-function EMAs, e.g. (0.05, 0.10); the last one is evaluated during
+  # training. () = off: the traditional ema_decay EMA only (the paper's).
+  config.ema.sigma_rels = ()
+  config.ema.num_snapshots = 16  # Snapshots at every ceil(num_train_steps / N) steps and the last.
+  # σ_rel reconstructed after training and scored on the validation loss; the best is evaluated.
+  config.ema.candidates = (0.025, 0.05, 0.075, 0.10, 0.15, 0.20)
   config.max_nonfinite_streak = 10  # Stop after this many consecutive skipped (NaN/inf) updates.
 
   # Parallelism.

@@ -31,6 +31,7 @@ from dit_jax.data import captions
 from dit_jax.data import splits
 from dit_jax.evaluation import evaluators
 from dit_jax.training import distributed
+from dit_jax.training import phema
 from dit_jax.training import train_step
 
 # Fields that were renamed: an old name in a config file or on the command line is an error that
@@ -156,6 +157,7 @@ def check(config) -> None:
   objectives.from_config(config)  # diffusion.* / flow.*, and the samplers of eval.grid, eval.fid
   splits.check_config(config.data)
   evaluators.check_config(config.eval, config.data.val_size)
+  phema.check_config(config.ema, config.eval.val, config.data.val_size)
   distributed.check_config(config.distributed)
 
 

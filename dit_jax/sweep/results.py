@@ -17,6 +17,7 @@ import pathlib
 from dit_jax import files
 from dit_jax import objectives
 from dit_jax.models import flops
+from dit_jax.training import posthoc
 from dit_jax.training.fingerprint import fingerprint
 
 METRIC_PREFIXES = ("fid", "sfid", "is", "precision", "recall", "kid")
@@ -44,7 +45,7 @@ def provenance(config, data_kind: str) -> dict:
   return dict(
       objective=drawn["objective"], seed=config.seed, eval_seed=config.eval.seed,
       batch_size=config.batch_size, num_train_steps=config.num_train_steps,
-      ema_decay=config.ema_decay, fid_num_samples=q.num_samples,
+      **posthoc.provenance(config.get("ema"), config.ema_decay), fid_num_samples=q.num_samples,
       fid_sampler=drawn["fid_sampler"], fid_steps=str(q.respacing),
       fid_cfg_scale=q.cfg_scale, fid_guide_channels=drawn["fid_guide_channels"],
       clip_denoised=drawn["clip_denoised"],
@@ -57,7 +58,7 @@ def evaluation_rows(run: str, run_dir, info: dict, extra: dict) -> list[dict]:
   """One row per evaluated step in the member's metrics.jsonl (FID and validation rows of one
   step are merged; a step evaluated again after a resume keeps its newest values)."""
   run_dir = pathlib.Path(run_dir)
-  by_step, speeds = {}, []
+  by_step, speeds, profiles = {}, [], {}
   for m in files.read_jsonl(run_dir / "metrics.jsonl"):
     if "step" not in m:
       continue
@@ -71,13 +72,25 @@ def evaluation_rows(run: str, run_dir, info: dict, extra: dict) -> list[dict]:
       scores.update(generic, wall_s=m.get("wall_s", math.nan))
     if scores:
       by_step.setdefault(step, {}).update(scores)
+    profiles.setdefault(step, {}).update(_ema_fields(m))
   reference = run_dir / "fid_reference.json"
   ref = json.loads(reference.read_text()) if reference.exists() else {}
   rows = []
   for step in sorted(by_step):
+    by_step[step].update(profiles[step])  # the EMA profile each step was evaluated with
+    rest = {k: v for k, v in extra.items() if k not in by_step[step]}
     rows.append(dict(run=run, **info, step=step,
                      train_compute_gflops=flops.training_gflops(info["gflops"],
                                                                 extra["batch_size"], step),
                      images_per_s=sum(speeds) / len(speeds) if speeds else math.nan, status="ok",
-                     **by_step[step], **extra, **ref))
+                     **by_step[step], **rest, **ref))
   return rows
+
+
+def _ema_fields(m: dict) -> dict:
+  """The EMA profile fields of a metrics.jsonl line (posthoc.py: ema, ema_decay, ema_sigma_rel,
+  ema_selection as JSON, ema_condition)."""
+  out = {k: v for k, v in m.items() if k == "ema" or k.startswith("ema_")}
+  if isinstance(out.get("ema_selection"), str):
+    out["ema_selection"] = json.loads(out["ema_selection"])
+  return out

@@ -47,6 +47,10 @@ def fingerprinted(config_json: str) -> dict:
     # change no number, and leaving them out keeps earlier fingerprints valid, as for SP above.
     flat = {k: v for k, v in flat.items()
             if k not in ("optim.schedule", "optim.cooldown_fraction")}
+  if not flat.get("ema.sigma_rels"):
+    # Traditional EMA only (the default, and every run made before post-hoc EMA): the ema block
+    # changes no number, and leaving it out keeps earlier fingerprints valid.
+    flat = {k: v for k, v in flat.items() if not k.startswith("ema.")}
   return {k: v for k, v in flat.items()
           if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
 

@@ -44,6 +44,7 @@ from dit_jax.training import distributed
 from dit_jax.training import fingerprint
 from dit_jax.training import hardware
 from dit_jax.training import metric_log
+from dit_jax.training import posthoc
 from dit_jax.training import train_step as step_lib
 
 
@@ -92,6 +93,7 @@ class Run:
   ckpt: checkpoint_lib.Checkpointer
   data_state: dict  # what a resumed run and tools/sample.py need besides the arrays
   lock: files.WorkdirLock  # held until the run returns
+  ema_cfg: ml_collections.ConfigDict  # config.ema: post-hoc EMA (posthoc.py)
 
   @property
   def lead(self) -> bool:
@@ -121,7 +123,8 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   tx = step_lib.create_optimizer(config.optim, models.lr_scales(model), config.num_train_steps)
   rules = tuple(tuple(r) for r in config.logical_axis_rules) if config.logical_axis_rules else \
       sharding_lib.DEFAULT_RULES
-  abstract_state, shardings = step_lib.state_shardings(model, tx, mesh, rules)
+  abstract_state, shardings = step_lib.state_shardings(model, tx, mesh, rules,
+                                                       len(config.ema.sigma_rels))
   train_source, val_source = splits.split(source, config.data.val_size, config.data.val_seed)
   pipeline = pipeline_lib.Pipeline(train_source, config.batch_size, config.seed,
                                    sharding_lib.batch_sharding(mesh))
@@ -137,7 +140,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   schedule = Schedule(**{f.name: config[f.name] for f in dataclasses.fields(Schedule)})
   return Run(schedule, config.eval, config.data, config.optim, hparams,
              objectives.from_config(config), workdir, source, train_source, val_source, model, mesh,
-             tx, rules, abstract_state, shardings, pipeline, ckpt, data_state, lock)
+             tx, rules, abstract_state, shardings, pipeline, ckpt, data_state, lock, config.ema)
 
 
 def restore_or_init(run: Run):
@@ -145,7 +148,8 @@ def restore_or_init(run: Run):
   latest = run.ckpt.latest_step()
   seed, batch_size = run.data_state["seed"], run.data_state["global_batch_size"]
   if latest is None:
-    return step_lib.create_train_state(run.model, run.tx, run.mesh, seed, run.rules)[0]
+    return step_lib.create_train_state(run.model, run.tx, run.mesh, seed, run.rules,
+                                       len(run.ema_cfg.sigma_rels))[0]
   latest, state, saved = run.ckpt.restore_newest_readable(
       checkpoint_lib.abstract_with_shardings(run.abstract_state, run.shardings))
   if (saved["seed"], saved["global_batch_size"]) != (seed, batch_size):
@@ -161,7 +165,8 @@ def compile_step(run: Run, state):
   step_fn = step_lib.jit_train_step(run.model, run.objective.process, run.tx, run.mesh,
                                     run.shardings, run.schedule.ema_decay,
                                     step_lib.learning_rate_schedule(
-                                        run.optim, run.schedule.num_train_steps))
+                                        run.optim, run.schedule.num_train_steps),
+                                    posthoc.gammas(run.ema_cfg))
   bs = step_lib.batch_shardings(run.mesh)
   batch = dict(
       image=jax.ShapeDtypeStruct(run.pipeline.image_shape, jnp.float32, sharding=bs["image"]),
@@ -212,16 +217,22 @@ def save(run: Run, state, step: int, force: bool = False) -> None:
     logging.info("checkpoint %d started", step)
 
 
-def evaluate(run: Run, evaluators, state, step: int, writer, wall_t0: float) -> None:
-  """Runs the evaluators due at `step` on the EMA params and writes their scalars."""
+def evaluate(run: Run, evaluators, state, step: int, writer, wall_t0: float,
+             profile: posthoc.Profile) -> None:
+  """Runs the evaluators due at `step` on the EMA params `profile` gives and writes their
+  scalars, each with the EMA profile it was evaluated with."""
+  evaluators = [ev for ev in evaluators
+                if due(step, ev.every_steps, run.schedule.num_train_steps)]
+  if not evaluators:
+    return
+  params, fields, texts = profile.params(state, step)
+  writer.write_texts(step, texts)
   for ev in evaluators:
-    if not due(step, ev.every_steps, run.schedule.num_train_steps):
-      continue
     t0 = time.perf_counter()
-    scores = ev.run(state.ema_params, step)
+    scores = ev.run(params, step)
     if scores:
       scores.update(eval_time_s=time.perf_counter() - t0,
-                    wall_s=time.perf_counter() - wall_t0)  # since this run (or resume) began
+                    wall_s=time.perf_counter() - wall_t0, **fields)  # since this run began
       writer.write_scalars(step, scores)
       logging.info("step %d %s: %s", step, ev.name, scores)
 
@@ -275,10 +286,14 @@ def _train(run: Run, wall_t0: float):
   hooks = [periodic_actions.ReportProgress(num_train_steps=last, writer=writer,
                                            every_steps=sched.log_every_steps)] if run.lead else []
   preempt = distributed.Preemption()
+  profile = posthoc.Profile(run.ema_cfg, sched.ema_decay, run.workdir, last,
+                            next((ev for ev in evaluators if ev.name == "val"), None))
   hashes = BatchHashes(run.workdir / f"batch_hashes.{jax.process_index()}.jsonl") \
       if sched.record_batch_hashes else None
   if start > 0:
-    evaluate(run, unfinished(run, evaluators, start), state, start, writer, wall_t0)
+    if posthoc.snapshot_due(run.ema_cfg, start, last):  # killed between the step and its save
+      posthoc.write_snapshot(run.ema_cfg, run.workdir, start, state.phema, only_if_missing=True)
+    evaluate(run, unfinished(run, evaluators, start), state, start, writer, wall_t0, profile)
   prev = None
   try:
     for step, batch in zip(range(start, last), run.pipeline.iterate(start)):
@@ -294,11 +309,13 @@ def _train(run: Run, wall_t0: float):
         hook(done)
       if due(done, sched.log_every_steps, last):
         log.write(done, state.params)
+      if posthoc.snapshot_due(run.ema_cfg, done, last):  # before the checkpoint of `done`
+        posthoc.write_snapshot(run.ema_cfg, run.workdir, done, state.phema)
       # Never checkpoint while updates are being skipped: the last good checkpoint stays newest.
       if (sched.checkpoint_every_steps and done % sched.checkpoint_every_steps == 0
           and int(jax.device_get(metrics["nonfinite_streak"])) == 0):
         save(run, state, done)
-      evaluate(run, evaluators, state, done, writer, wall_t0)
+      evaluate(run, evaluators, state, done, writer, wall_t0, profile)
       if preempt.reached(done):
         logging.warning("SIGTERM: saving step %d and exiting", done)
         if int(jax.device_get(metrics["nonfinite_streak"])) == 0:
@@ -323,7 +340,7 @@ class Trained:
   """A training run read back from its workdir: what sampling needs."""
   config: ml_collections.ConfigDict
   model: Any
-  params: Any  # the EMA params
+  params: Any  # the EMA params (post-hoc EMA: the selected profile, posthoc.chosen)
   data_state: dict  # image_shape, num_classes, kind, scaling_factor, ... (see setup)
   step: int
   tokenizer: Any  # text.Tokenizer of a text run, else None
@@ -356,8 +373,11 @@ def load_trained(workdir, step: int | None = None) -> Trained:
                           data_state["num_classes"], tokenizer=tokenizer)
     mesh = sharding_lib.create_mesh((-1, 1, 1))
     tx = step_lib.create_optimizer(config.optim, models.lr_scales(model), config.num_train_steps)
-    abstract, shardings = step_lib.state_shardings(model, tx, mesh)
+    ema = config.get("ema")
+    abstract, shardings = step_lib.state_shardings(
+        model, tx, mesh, num_phema=len(ema.sigma_rels) if posthoc.enabled(ema) else 0)
     state, _ = ckpt.restore(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
   finally:
     ckpt.close()
-  return Trained(config, model, state.ema_params, data_state, step, tokenizer)
+  return Trained(config, model, posthoc.chosen(ema, workdir, state, step), data_state, step,
+                 tokenizer)

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from dit_jax import models
 from dit_jax import sharding as sharding_lib
 from dit_jax.models import mup
+from dit_jax.training import phema as phema_lib
 
 
 @flax.struct.dataclass
@@ -32,6 +33,8 @@ class TrainState:
   rng: jax.Array  # uint32[2] base key; step s uses fold_in(rng, s), so resuming needs no rng state.
   nonfinite_streak: jax.Array  # int32: consecutive skipped (non-finite) updates.
   nonfinite_total: jax.Array  # int32: all skipped updates.
+  # The tracked power-function EMAs of config.ema.sigma_rels, in that order (() = post-hoc EMA off).
+  phema: tuple = ()
 
 
 SCHEDULES = ("constant", "cosine", "cooldown")
@@ -101,36 +104,44 @@ def create_optimizer(optim, lr_scales: Optional[dict] = None,
   return tx
 
 
-def _boxed_state(model: nn.Module, tx, seed_key) -> TrainState:
+def _boxed_state(model: nn.Module, tx, seed_key, num_phema: int = 0) -> TrainState:
   init_key, train_key = jax.random.split(seed_key)
   params = models.init_params(model, init_key)  # logically partitioned boxes
   zero = jnp.zeros((), jnp.int32)
-  # EMA starts as a copy of the initial params, as DiT's train.py.
+  # EMA starts as a copy of the initial params, as DiT's train.py; so do the power-function EMAs
+  # (their first update, at t = 1, replaces them by the first updated params).
   return TrainState(step=zero, params=params, ema_params=params, opt_state=tx.init(params),
-                    rng=train_key, nonfinite_streak=zero, nonfinite_total=zero)
+                    rng=train_key, nonfinite_streak=zero, nonfinite_total=zero,
+                    phema=(params,) * num_phema)
 
 
-def state_shardings(model: nn.Module, tx, mesh, rules=sharding_lib.DEFAULT_RULES):
-  """(abstract unboxed TrainState, its NamedShardings), from eval_shape: no parameter is built."""
-  abstract_boxed = jax.eval_shape(functools.partial(_boxed_state, model, tx),
+def state_shardings(model: nn.Module, tx, mesh, rules=sharding_lib.DEFAULT_RULES,
+                    num_phema: int = 0):
+  """(abstract unboxed TrainState, its NamedShardings), from eval_shape: no parameter is built.
+  `num_phema`: how many power-function EMAs the state tracks (len(config.ema.sigma_rels))."""
+  abstract_boxed = jax.eval_shape(functools.partial(_boxed_state, model, tx, num_phema=num_phema),
                                   jax.random.PRNGKey(0))
   shardings = sharding_lib.logical_shardings(abstract_boxed, mesh, rules)
   return nn.unbox(abstract_boxed), shardings
 
 
 def create_train_state(model: nn.Module, tx, mesh, seed: int,
-                       rules=sharding_lib.DEFAULT_RULES) -> tuple:
+                       rules=sharding_lib.DEFAULT_RULES, num_phema: int = 0) -> tuple:
   """(TrainState initialised directly into its shardings, shardings)."""
-  _, shardings = state_shardings(model, tx, mesh, rules)
-  init = jax.jit(lambda key: nn.unbox(_boxed_state(model, tx, key)), out_shardings=shardings)
+  _, shardings = state_shardings(model, tx, mesh, rules, num_phema)
+  init = jax.jit(lambda key: nn.unbox(_boxed_state(model, tx, key, num_phema)),
+                 out_shardings=shardings)
   return init(jax.random.PRNGKey(seed)), shardings
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, objective,
                tx: optax.GradientTransformation,
                ema_decay: float, lr_fn: Optional[optax.Schedule] = None,
-               batch_spec: Optional[NamedSharding] = None) -> tuple:
+               batch_spec: Optional[NamedSharding] = None, phema_gammas: tuple = ()) -> tuple:
   """One AdamW step on the objective's loss; a non-finite loss or gradient skips the update.
+
+  `phema_gammas`: the exponents γ of the state's power-function EMAs (state.phema), updated with
+  β_t = (1 - 1/t)^(γ+1) at t = step + 1 (phema.py; time in steps).
 
   `objective` is an objective's process (`objectives.from_config(config).process`: a
   `diffusion.Diffusion` or a `flow.Flow`): both draw per-example noise and times and give the
@@ -159,7 +170,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, objective,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: e * ema_decay + (1.0 - ema_decay) * p, state.ema_params, params)
-    return state.replace(params=params, ema_params=ema, opt_state=opt_state)
+    return state.replace(params=params, ema_params=ema, opt_state=opt_state,
+                         phema=_update_phema(state.phema, params, phema_gammas, state.step + 1))
 
   # A skipped step keeps params, EMA and optimizer state as they were. lax.cond (not jnp.where over
   # every leaf) runs only the taken branch, so a finite step pays no extra passes over the state.
@@ -176,14 +188,24 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, objective,
   return new_state, metrics
 
 
+def _update_phema(phema: tuple, params, gammas: tuple, t) -> tuple:
+  """The power-function EMAs after the step that made `params` (t: steps taken, >= 1)."""
+  out = []
+  for tree, gamma in zip(phema, gammas, strict=True):
+    w = phema_lib.ema_weight(gamma, t)
+    out.append(jax.tree.map(lambda e, p, w=w: e + w * (p - e), tree, params))
+  return tuple(out)
+
+
 def batch_shardings(mesh) -> dict:
   return {"image": sharding_lib.batch_sharding(mesh), "label": sharding_lib.batch_sharding(mesh)}
 
 
 def jit_train_step(model, objective, tx, mesh, shardings, ema_decay: float,
-                   lr_fn: Optional[optax.Schedule] = None) -> Callable:
+                   lr_fn: Optional[optax.Schedule] = None, phema_gammas: tuple = ()) -> Callable:
   """train_step jitted with state/batch shardings and the old state's buffers donated."""
   fn = functools.partial(train_step, model=model, objective=objective, tx=tx, ema_decay=ema_decay,
-                         lr_fn=lr_fn, batch_spec=sharding_lib.batch_sharding(mesh))
+                         lr_fn=lr_fn, batch_spec=sharding_lib.batch_sharding(mesh),
+                         phema_gammas=tuple(float(g) for g in phema_gammas))
   return jax.jit(fn, in_shardings=(shardings, batch_shardings(mesh)),
                  out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
