@@ -8,16 +8,20 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dit_jax import config_check
+from dit_jax import sharding
+from dit_jax.objectives import diffusion as diffusion_lib
 from dit_jax.sweep import results
 from dit_jax.training import fingerprint
 from dit_jax.training import phema
 from dit_jax.training import posthoc
 from dit_jax.training import train
-from tests.helpers import read_jsonl, tree_hash, tiny_config
+from dit_jax.training import train_step
+from tests.helpers import read_jsonl, tiny_batch, tiny_config, tiny_model, tiny_optim, tree_hash
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -78,6 +82,29 @@ def test_toy_trajectory_reconstruction_within_the_bound():
     assert err.max() < 1e-2 and cond < 2e3  # measured: 3.6e-3 (0.075), 3.4e-3 (0.15); cond 1.1e3
   got, _ = phema.reconstruct(snaps, 0.10)  # a tracked profile comes back as itself
   np.testing.assert_allclose(got[0.10], _tracked(0.10, steps, every)[steps], atol=1e-5)
+
+
+def test_the_step_updates_the_tracked_emas_with_beta_t_and_a_skipped_step_does_not():
+  mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+  model, tx = tiny_model(), train_step.create_optimizer(tiny_optim())
+  state, shardings = train_step.create_train_state(model, tx, mesh, seed=0, num_phema=2)
+  gammas = tuple(phema.sigma_rel_to_gamma([0.05, 0.10]))
+  step = train_step.jit_train_step(model, diffusion_lib.create(), tx, mesh, shardings, 0.9,
+                                   phema_gammas=gammas)
+  state, _ = step(state, tiny_batch())  # t = 1: β = 0, both EMAs become the params
+  first = jax.device_get(state)
+  for tree in first.phema:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), tree, first.params)
+  bad = tiny_batch(seed=1)
+  bad["image"][0, 0, 0, 0] = np.nan
+  state, m = step(jax.tree.map(jnp.array, first), bad)
+  assert m["skipped"] == 1 and tree_hash(state.phema) == tree_hash(first.phema)
+  state, m = step(state, tiny_batch(seed=2))  # t = 3 (the skipped batch counts as a step)
+  after = jax.device_get(state)
+  for tree, old, gamma in zip(after.phema, first.phema, gammas):
+    w = 1 - (1 - 1 / 3) ** (gamma + 1)
+    jax.tree.map(lambda e, o, p, w=w: np.testing.assert_allclose(e, o + w * (p - o), atol=1e-6),
+                 tree, old, after.params)
 
 
 def _posthoc_config(**overrides):
