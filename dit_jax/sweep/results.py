@@ -5,8 +5,10 @@ cost (params, Gflops, training compute = 3 x Gflops x batch x step, the paper's 
 metrics (fid with fid_metric, the feature network's name, and beside it kid, kid_std, fid_inf and
 fid_inf_slope of the same samples, null where not computed; val_loss; sFID/IS/P-R) and their
 provenance: sample count, reference statistics (fingerprint, size), sampler and steps, guidance
-and guided channels, clipping, EMA decay, and `config_fingerprint`, a hash of every field of the
-member's config that can change a number. Re-runs compare fingerprints, never names alone.
+and guided channels, clipping, the EMA (`ema`: 'decay' with ema_decay, or 'posthoc' with the
+evaluated ema_sigma_rel, and at the end ema_selection and ema_condition: posthoc.py), and
+`config_fingerprint`, a hash of every field of the member's config that can change a number.
+Re-runs compare fingerprints, never names alone.
 """
 from __future__ import annotations
 

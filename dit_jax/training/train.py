@@ -10,7 +10,8 @@ workdir's latest checkpoint; SIGTERM saves and returns. `load_trained(workdir)` 
 for sampling.
 
 A workdir holds config.json, checkpoints/ (orbax: the whole TrainState and the data state), a text
-run's tokenizer.json, metrics.jsonl and TensorBoard events, and samples/.
+run's tokenizer.json, metrics.jsonl and TensorBoard events, samples/, and with post-hoc EMA
+(config.ema.sigma_rels, posthoc.py) phema/: the tracked EMAs' snapshots and the selected profile.
 """
 from __future__ import annotations
 
