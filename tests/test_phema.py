@@ -46,7 +46,7 @@ def _trajectory(t):
 
 
 def _tracked(sigma_rel, steps, every):
-  """The power-function EMA of `_trajectory` by the recursion, in float64: {t: EMA} every `every`."""
+  """The power-function EMA of `_trajectory` by the recursion, in float64: {t: EMA} each `every`."""
   gamma = float(phema.sigma_rel_to_gamma(sigma_rel))
   ema, out = _trajectory(0.0), {}
   for t in range(1, steps + 1):
