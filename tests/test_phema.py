@@ -165,8 +165,12 @@ def test_a_tiny_run_reconstructs_a_tracked_profile_and_selects_on_val_loss(tmp_p
   assert val_rows[40]["ema_sigma_rel"] in config.ema.candidates
   assert val_rows[40]["ema_condition"] > 0
   info = dict(model="x", gflops=1.0)
-  final = results.evaluation_rows("r", tmp_path, info, dict(batch_size=16))[-1]
+  rows = results.evaluation_rows("r", tmp_path, info, results.provenance(config, "pixels"))
+  assert rows[0]["step"] == 8 and rows[0]["ema_sigma_rel"] == 0.10
+  assert "ema_selection" not in rows[0] and "ema_decay" not in rows[0]
+  final = rows[-1]
   assert final["step"] == 40 and final["ema"] == "posthoc"
+  assert final["ema_tracked"] == [0.05, 0.075, 0.10] and final["ema_condition"] > 0
   assert final["ema_sigma_rel"] in config.ema.candidates
   assert set(final["ema_selection"]) == {repr(float(s)) for s in config.ema.candidates}
   assert final["val_loss"] == pytest.approx(min(final["ema_selection"].values()))

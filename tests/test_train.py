@@ -141,6 +141,9 @@ def test_loop_logs_skips_nan_and_writes_grid(tmp_path, monkeypatch):
   assert per_step[6]["nonfinite_total"] == 1 and np.isfinite(per_step[6]["loss"])
   for key in ("images_per_sec", "steps_per_sec", "mfu", "grad_norm", "mse", "vb", "lr"):
     assert key in per_step[6], key
+  grid_row = next(r for r in rows if "sample_time_s" in r)  # evaluated with the decay EMA
+  assert grid_row["step"] == 6 and grid_row["ema_decay"] == config.ema_decay
+  assert {"step": 6, "ema": "decay"} in rows
   compile_row = next(r for r in rows if "compile_time_s" in r)
   assert compile_row["compile_time_s"] > 0 and compile_row["num_params"] > 1e4
   assert list(tmp_path.glob("events.out.tfevents.*"))

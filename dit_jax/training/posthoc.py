@@ -109,7 +109,7 @@ def like(tree, reference):
 def provenance(ema, ema_decay: float) -> dict:
   """The run-level EMA fields of a results row (the evaluated profile is per row)."""
   if enabled(ema):
-    return dict(ema="posthoc", ema_tracked=json.dumps(list(ema.sigma_rels)))
+    return dict(ema="posthoc", ema_tracked=[float(s) for s in ema.sigma_rels])
   return dict(ema="decay", ema_decay=ema_decay)
 
 
