@@ -102,7 +102,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.ema.sigma_rels = ()
   config.ema.num_snapshots = 16  # Snapshots at every ceil(num_train_steps / N) steps and the last.
   # σ_rel reconstructed after training and scored on the validation loss; the best is evaluated.
-  config.ema.candidates = (0.025, 0.05, 0.075, 0.10, 0.15, 0.20)
+  config.ema.candidates = (0.015, 0.025, 0.05, 0.075, 0.10, 0.15, 0.20)
   config.max_nonfinite_streak = 10  # Stop after this many consecutive skipped (NaN/inf) updates.
 
   # Parallelism.

@@ -86,6 +86,8 @@ def _fit_frontier(members, metric, n_boot, ci, seed, rules):
   if counts["nonpositive"]:
     why += f", {counts['nonpositive']} non-positive value(s) dropped"
   if not len(C):
+    if not counts["removed"]:
+      return None, "no law: no DiT evaluation point" + (f" ({why})" if counts["nonpositive"] else "")
     return None, f"no law: every point is inside the excluded transient ({why})"
   idx = np.arange(len(C)) if fin.all() else power_law.frontier(C, y)
   offset = metric in IRREDUCIBLE
