@@ -38,9 +38,9 @@ CLI_BAD = [
     (SWEEP + ["--config.sweep.objectives=('score',)"], "sweep.objectives='score'"),
     (SWEEP + ["--config.sweep.budgets=(1e-6,)"], "1e-06 Gflops buys no model a single training"),
     (SWEEP + ["--config.sweep.budgets=(1e12,)"], "more than sweep.max_steps=2,000,000"),
-    # The last of two tuple overrides wins: patches (2,) gives 3 models x 3 seeds, not 21 members.
+    # The last of two tuple overrides wins: patches (2,) gives 4 models x 3 seeds, not 30 members.
     (SWEEP + ["--config.sweep.patches=(8,4)", "--config.sweep.patches=(2,)",
-              "--config.sweep.member=99"], "sweep.member=99, but the sweep has 9 members"),
+              "--config.sweep.member=99"], "sweep.member=99, but the sweep has 12 members"),
     (SINGLE + ["--config.optim.lrr=1"], "no field 'optim.lrr'; did you mean optim.lr"),
     (["tools/sample_prompt.py", "--config=configs/default.py:cpu_text", "--config.text.widht=8",
       "--workdir=W", "--prompt=a handwritten digit one"], "no field 'text.widht'"),

@@ -92,20 +92,20 @@ def test_failed_member_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
 def test_member_selection_and_config_errors(tmp_path):
   config = dit_sweep.get_config("")
   names = members_lib.model_names(config.sweep)
-  assert names[:3] == ["DiT-Pico/8", "DiT-Pico/4", "DiT-Pico/2"] and names[-1] == "UNet-Pico"
+  assert names[:3] == ["DiT-Femto/8", "DiT-Femto/4", "DiT-Femto/2"] and names[-1] == "UNet-Pico"
   config.sweep.seeds, config.sweep.objectives = (0, 1), ("ddpm", "flow")
   members = members_lib.plan(config.sweep, config.num_train_steps, config.batch_size,
                              {n: 1.0 for n in names})
   assert len(members) == len(names) * 4
-  assert [m.run for m in members[:4]] == ["DiT-Pico/8-s0", "DiT-Pico/8-s1", "DiT-Pico/8-flow-s0",
-                                          "DiT-Pico/8-flow-s1"]
-  assert members_lib.select(members, "1")[0].run == "DiT-Pico/8-s1"
+  assert [m.run for m in members[:4]] == ["DiT-Femto/8-s0", "DiT-Femto/8-s1",
+                                          "DiT-Femto/8-flow-s0", "DiT-Femto/8-flow-s1"]
+  assert members_lib.select(members, "1")[0].run == "DiT-Femto/8-s1"
   assert [m.run for m in members_lib.select(members, "UNet-Pico")] == [
       "UNet-Pico-s0", "UNet-Pico-s1", "UNet-Pico-flow-s0", "UNet-Pico-flow-s1"]
   with pytest.raises(ValueError, match="not in the sweep"):
     members_lib.select(members, "DiT-XL/2")
-  with pytest.raises(ValueError, match="has 28 members"):
-    members_lib.select(members, "28")
+  with pytest.raises(ValueError, match="has 40 members"):
+    members_lib.select(members, "40")
   flow = members_lib.member_config(config, members[2])
   assert flow.diffusion.objective == "flow" and not flow.learn_sigma and flow.seed == 0
   config = tiny_sweep(tmp_path)

@@ -17,7 +17,6 @@ import ml_collections
 
 from dit_jax import models
 from dit_jax import objectives
-from dit_jax.analysis import laws
 from dit_jax.models import flops
 from dit_jax.models import mup
 from dit_jax.sweep import devices
@@ -180,8 +179,10 @@ def _check_types(s) -> None:
     raise ValueError(f"sweep.max_steps={limit!r}: a positive number of steps")
 
 
-def fit_rules(s) -> laws.Rules:
-  """The report's fit rules (config.sweep.fit; laws.Rules's defaults where a field is absent)."""
+def fit_rules(s):
+  """The report's fit rules, analysis.laws.Rules of config.sweep.fit (its defaults where a field is
+  absent). Imported here, not at the top: a training run does not import the analysis stack."""
+  from dit_jax.analysis import laws  # pylint: disable=import-outside-toplevel
   return laws.Rules(**s.get("fit", {}))
 
 
