@@ -186,7 +186,10 @@ class SampleGrid:
 
 
 class FidSuite:
-  """`run(sample_fn, rng)` -> {fid_<net>, sfid_<net>, is_<net>, precision_<net>, recall_<net>}.
+  """`run(sample_fn, rng)` -> {fid_<net>, sfid_<net>, is_<net>, precision_<net>, recall_<net>},
+  and with `unbiased` (eval.fid: kid_subsets, kid_subset_size, fid_inf_points) KID and FID∞ of the
+  same features (unbiased.metrics: kid_<net>, kid_std_<net>, fid_inf_<net>, fid_inf_slope_<net>),
+  their subsets drawn from `eval_seed`.
 
   sample_fn(rng, labels_B) returns images (B, H, W, C) in [-1, 1]; it should be jitted. Labels are
   drawn uniformly from num_classes (None: unconditional, sample_fn gets labels=None) and sharded
@@ -196,7 +199,8 @@ class FidSuite:
 
   def __init__(self, feature_name: str, feature_fn: fid.FeatureFn, reference: fid.Reference,
                num_samples: int, batch_size: int, num_classes: int | None = None, mesh=None,
-               data_axis="data", precision_recall: bool = True, progress: bool = True):
+               data_axis="data", precision_recall: bool = True, progress: bool = True,
+               unbiased_cfg=None, eval_seed: int = 0):
     if reference.feature_net != feature_name:
       raise ValueError(f"reference statistics were made with {reference.feature_net!r}, not "
                        f"{feature_name!r}")
@@ -210,6 +214,7 @@ class FidSuite:
     self.feature_name, self.feature_fn, self.reference = feature_name, feature_fn, reference
     self.num_samples, self.batch_size, self.num_classes = num_samples, batch_size, num_classes
     self.precision_recall, self.progress = precision_recall, progress
+    self._unbiased, self._eval_seed = unbiased_cfg, eval_seed
     self._labels = jax.jit(lambda r: jax.random.randint(r, (batch_size,), 0, num_classes or 1),
                            out_shardings=self.sharding)
     self._quantize = jax.jit(images_lib.quantize, out_shardings=self.sharding)
@@ -244,7 +249,11 @@ class FidSuite:
   def run(self, sample_fn, rng: jax.Array) -> dict[str, float]:
     """Samples, embeds and scores num_samples images; metric names carry the feature network."""
     feats = self.sample_features(sample_fn, rng)
-    return fid.metrics(self.feature_name, feats, self.reference, pr=self.precision_recall)
+    out = fid.metrics(self.feature_name, feats, self.reference, pr=self.precision_recall)
+    if self._unbiased is None:
+      return out
+    return dict(out, **unbiased.metrics(self.feature_name, feats["pool"], self.reference,
+                                        self._unbiased, self._eval_seed))
 
 
 def _reference(q, split: str, source, name, feature_fn, labelled_images, mesh):
@@ -303,14 +312,15 @@ class SampleQuality:
           **unbiased.kid_note(reference))))
     self._suite = FidSuite(name, feature_fn, reference, q.num_samples, q.batch_size,
                            num_classes=source.num_classes if models.reads_labels(model) else None,
-                           mesh=mesh, data_axis=sharding_lib.BATCH_AXES, progress=False)
+                           mesh=mesh, data_axis=sharding_lib.BATCH_AXES, progress=False,
+                           unbiased_cfg=q, eval_seed=eval_cfg.seed)
     # Samples stay sharded over the batch (no replicated output).
     self._sample = objective.sample_fn(model, steps=q.respacing, cfg_scale=q.cfg_scale,
                                        guide_channels=q.guide_channels, data_kind=source.kind)
     self._shape = (q.batch_size,) + tuple(source.image_shape)
     self._decode = (lambda x: decode_latents(eval_cfg.vae_path, x, source.scaling_factor)) \
         if latents else (lambda x: x)
-    self._seed, self._batch, self._q = eval_cfg.seed, q.batch_size, q
+    self._seed, self._batch = eval_cfg.seed, q.batch_size
     self.key = f"fid_{name}"
     table = captions.caption_table(source)
     # A text model samples the captions of the drawn classes; the lookup keeps their sharding.
@@ -320,12 +330,7 @@ class SampleQuality:
     def sample_fn(rng, labels):
       labels = np.zeros((self._batch,), np.int32) if labels is None else self._to_model(labels)
       return self._decode(self._sample(params, labels, rng, self._shape))
-    s = self._suite
-    feats = s.sample_features(sample_fn, rng_lib.fid_key(self._seed, step))
-    out = fid.metrics(s.feature_name, feats, s.reference, pr=s.precision_recall)
-    # KID and FID∞ (unbiased.py) from the same features
-    return dict(out, **unbiased.metrics(s.feature_name, feats["pool"], s.reference, self._q,
-                                        self._seed))
+    return self._suite.run(sample_fn, rng_lib.fid_key(self._seed, step))
 
 
 class ValidationLoss:
