@@ -32,27 +32,24 @@ def fingerprinted(config_json: str) -> dict:
   # not fingerprinted, and each results row records it (attention_impl, dense_backward).
   if flat.get("attention_impl") == "auto":
     flat["attention_impl"] = ""
+  # Fields of a feature that is off change no number: leaving them out keeps the fingerprints of
+  # runs made before the feature existed (and of committed rows) valid.
+  off = []
   if flat.get("parameterization", "sp") == "sp":
-    # SP (the default, and every run made before μP existed): the mup block changes no number,
-    # and leaving both out keeps the fingerprints of earlier runs and committed rows valid.
-    flat = {k: v for k, v in flat.items() if k != "parameterization" and not k.startswith("mup.")}
+    off += ["parameterization", "mup"]  # SP, the default: no μP block
   if not (flat.get("eval.fid.every_steps") and flat.get("eval.fid.num_samples")):
-    # FID off: KID and FID∞ (computed from FID's features) are off too, and their fields change
-    # no number; leaving them out keeps the fingerprints of FID-less runs made before them.
-    flat = {k: v for k, v in flat.items()
-            if k not in ("eval.fid.kid_subsets", "eval.fid.kid_subset_size",
-                         "eval.fid.fid_inf_points")}
+    # FID off: KID and FID∞ (computed from FID's features) are off too
+    off += ["eval.fid.kid_subsets", "eval.fid.kid_subset_size", "eval.fid.fid_inf_points"]
   if flat.get("optim.schedule", "constant") == "constant":
-    # The paper's constant lr (every run made before the schedules existed): the schedule fields
-    # change no number, and leaving them out keeps earlier fingerprints valid, as for SP above.
-    flat = {k: v for k, v in flat.items()
-            if k not in ("optim.schedule", "optim.cooldown_fraction")}
+    off += ["optim.schedule", "optim.cooldown_fraction"]  # the paper's constant lr
   if not flat.get("ema.sigma_rels"):
-    # Traditional EMA only (the default, and every run made before post-hoc EMA): the ema block
-    # changes no number, and leaving it out keeps earlier fingerprints valid.
-    flat = {k: v for k, v in flat.items() if not k.startswith("ema.")}
-  return {k: v for k, v in flat.items()
-          if not any(k == f or k.startswith(f + ".") for f in NOT_FINGERPRINTED)}
+    off += ["ema"]  # the traditional EMA only: no post-hoc EMA block
+  return {k: v for k, v in flat.items() if not _named(k, NOT_FINGERPRINTED + tuple(off))}
+
+
+def _named(key: str, names) -> bool:
+  """Whether the dotted `key` is one of `names` or a field inside one of them."""
+  return any(key == n or key.startswith(n + ".") for n in names)
 
 
 def fingerprint(config) -> str:
