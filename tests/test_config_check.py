@@ -125,6 +125,8 @@ def test_renamed_fields_are_rejected_with_the_new_name(tmp_path, tripwires):
     ({"sweep.budgets": (1e-6,)}, "buys no model a single training step"),
     ({"sweep.budgets": (1e12,)}, "more than sweep.max_steps"),
     ({"sweep.member": "DiT-Q/8"}, "is not in the sweep"),
+    ({"sweep.fit": {"min_fractoin": 0.5}}, "sweep.fit: unknown field 'min_fractoin'"),
+    ({"sweep.fit": {"min_step": "100"}}, r"sweep.fit.min_step='100': a number"),
 ])
 def test_sweep_checks_every_member_before_training(overrides, match, tmp_path, tripwires,
                                                    monkeypatch):

@@ -183,7 +183,15 @@ def fit_rules(s):
   """The report's fit rules, analysis.laws.Rules of config.sweep.fit (its defaults where a field is
   absent). Imported here, not at the top: a training run does not import the analysis stack."""
   from dit_jax.analysis import laws  # pylint: disable=import-outside-toplevel
-  return laws.Rules(**s.get("fit", {}))
+  given = dict(s.get("fit", {}))
+  known = [f.name for f in dataclasses.fields(laws.Rules)]
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    raise ValueError(f"sweep.fit: unknown field {unknown[0]!r}; the fit rules are {known}")
+  for name, value in given.items():
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError(f"sweep.fit.{name}={value!r}: a number")
+  return laws.Rules(**given)
 
 
 def check_config(s, eval_cfg) -> None:
