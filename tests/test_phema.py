@@ -84,6 +84,28 @@ def test_toy_trajectory_reconstruction_within_the_bound():
   np.testing.assert_allclose(got[0.10], _tracked(0.10, steps, every)[steps], atol=1e-5)
 
 
+def test_reconstruction_loads_one_leaf_of_every_snapshot_at_a_time():
+  # Snapshots of a two-leaf tree whose leaves load on call (as posthoc's snapshot files): each
+  # leaf is loaded once, all of leaf "a" before any of leaf "b", and the result equals the
+  # reconstruction from the same trees in memory.
+  steps, every, log = 200, 25, []
+  def loader(name, t, sigma, x):
+    return lambda: log.append((name, t, sigma)) or x
+  tracked = {s: _tracked(s, steps, every) for s in (0.05, 0.10)}
+  lazy = [phema.Snapshot(t, s, lambda t=t, s=s, v=v: {"a": loader("a", t, s, v[0]),
+                                                       "b": loader("b", t, s, v[1:])})
+          for s, by_step in tracked.items() for t, v in by_step.items()]
+  eager = [phema.Snapshot(t, s, {"a": v[0], "b": v[1:]})
+           for s, by_step in tracked.items() for t, v in by_step.items()]
+  got, _ = phema.reconstruct(lazy, [0.075, 0.15])
+  want, _ = phema.reconstruct(eager, [0.075, 0.15])
+  assert len(log) == 2 * len(lazy) and len(set(log)) == len(log)
+  assert [name for name, *_ in log] == ["a"] * len(lazy) + ["b"] * len(lazy)
+  assert tree_hash(got) == tree_hash(want)
+  with pytest.raises(ValueError, match="same parameter tree"):
+    phema.reconstruct(eager + [phema.Snapshot(steps, 0.05, {"a": np.zeros(())})], 0.1)
+
+
 def test_the_step_updates_the_tracked_emas_with_beta_t_and_a_skipped_step_does_not():
   mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
   model, tx = tiny_model(), train_step.create_optimizer(tiny_optim())

@@ -72,10 +72,13 @@ def write_snapshot(ema, workdir, step: int, phema: tuple, only_if_missing: bool 
 
 
 def _load(path, index: int):
+  """Profile `index` of a snapshot file as a tree of functions, each loading its one leaf (so a
+  reconstruction holds one leaf of each snapshot at a time, not whole trees)."""
   def read(f):
     prefix = f"{index}/"
     return traverse_util.unflatten_dict(
-        {k[len(prefix):]: np.asarray(f[k]) for k in f.files if k.startswith(prefix)}, sep="/")
+        {k[len(prefix):]: lambda k=k: files.read_npz(path, lambda g: np.asarray(g[k]))
+         for k in f.files if k.startswith(prefix)}, sep="/")
   return files.read_npz(path, read)
 
 
