@@ -1,5 +1,6 @@
 """The scaling fits (bootstrap, power_law, isoflop) on synthetic data whose true answer is known."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -89,6 +90,18 @@ def test_group_bootstrap_is_wider_for_correlated_rows():
   assert clus.b == rows.b and clus.pi_method == "bootstrap"
   w_rows, w_clus = np.diff(rows.b_ci)[0], np.diff(clus.b_ci)[0]
   assert w_clus > 1.5 * w_rows, (w_rows, w_clus)
+
+
+def test_amplitude_is_computed_in_log_space_without_overflow():
+  # a = a'·c0^b: a' = e^-2000 and c0^b = 1000^300 are 0 and inf in float64, their product e^72.3;
+  # a runaway replicate's amplitude is inf, with no RuntimeWarning (warnings are errors here).
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert power_law.amplitude(-2000.0, 300.0, 1e3) == pytest.approx(
+        math.exp(-2000 + 300 * math.log(1e3)), rel=1e-12)
+    assert power_law.amplitude(0.0, 400.0, 1e3) == math.inf
+    assert power_law.amplitude(0.0, -400.0, 1e3) == 0.0
+  assert power_law.amplitude(math.log(3.0), 0.5, 4.0) == pytest.approx(6.0)
 
 
 def test_power_law_rejects_too_few_sizes():

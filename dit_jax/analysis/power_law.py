@@ -105,6 +105,13 @@ class PowerLawFit:
             f"(b {100 * self.ci:.0f}% CI [{lo:.{d}f}, {hi:.{d}f}])")
 
 
+def amplitude(log_a: float, b: float, c0: float) -> float:
+  """a of y = a·C^-b from the fit in C/c0 (log a' = log_a): a = a'·c0^b, in log space, so a
+  replicate whose exponent runs off gives inf (or 0), never exp(-big)·inf = nan or a warning."""
+  with np.errstate(over="ignore", under="ignore"):
+    return float(np.exp(log_a + b * math.log(c0)))
+
+
 def _offset_starts(x, ly, y):
   """Starts for the offset fit: the no-offset fit (e = 0), then fits of log(y - e0), e0 < min y."""
   la0, b0 = fit_loglog(x, ly)
@@ -156,11 +163,11 @@ def fit_power_law(C_N, y_N, offset: bool = False, n_boot: int = 1000, ci: float 
     idx = draw(rng)
     if len(np.unique(x[idx])) >= p:  # else the draw does not identify the model: left NaN
       qi = fit(x[idx], ly[idx], [q])
-      boot[i] = [math.exp(qi[0]) * c0 ** qi[1], qi[1], qi[2]]
+      boot[i] = [amplitude(qi[0], qi[1], c0), qi[1], qi[2]]
   if pi_method == "auto":
     pi_method = "t" if (not offset and groups is None) else "bootstrap"
   return PowerLawFit(
-      a=math.exp(q[0]) * c0 ** q[1], b=float(q[1]), e=float(q[2]),
+      a=amplitude(q[0], q[1], c0), b=float(q[1]), e=float(q[2]),
       a_ci=bootstrap.interval(boot[:, 0], ci), b_ci=bootstrap.interval(boot[:, 1], ci),
       e_ci=bootstrap.interval(boot[:, 2], ci), n=n, r2=float(r2), resid_sd=resid_sd, ci=ci,
       offset=offset, pi_method=pi_method, boot=boot, data=(C, y))
